@@ -1,0 +1,2 @@
+//! The `flashmla` command-line tool.
+fn main() {}

@@ -1,0 +1,365 @@
+//! The decode problem: its arguments, and the validation every backend runs before touching memory.
+//!
+//! | argument | shape | dtype | layout |
+//! |---|---|---|---|
+//! | `q` | `[b, s_q, h_q, 576]` | bf16 / fp16 / e4m3 | last dim contiguous |
+//! | `k_cache` | `[num_blocks, page_size, h_kv, 576]` | = q | last dim contiguous; V = first 512 columns |
+//! | `block_table` | `[b, max_blocks_per_seq]` | i32 | last dim contiguous |
+//! | `cache_seqlens` | `[b]` | i32 | contiguous |
+//! | `tile_scheduler_metadata` | `[num_sm_parts, 8]` | i32 | contiguous |
+//! | `num_splits` | `[b + 1]` | i32 | contiguous |
+//! | `descale_q`, `descale_k` | `[1]` | f32 | required for e4m3, rejected otherwise |
+//! | `out` | `[b, s_q, h_q, 512]` | bf16 (e4m3 in) / = q | last dim contiguous |
+//! | `lse` | `[b, h_q, s_q]` | f32 | any strides |
+//!
+//! Every check produces [`Error::InvalidArgument`] naming the argument, the expected and the actual value.
+
+use crate::backend::Capabilities;
+use crate::dtype::{DType, ScalarType};
+use crate::error::{Error, Result};
+use crate::scheduler::{self, METADATA_WORDS};
+use crate::tensor::{Device, TensorDesc};
+
+/// Width of a K row (512 latent + 64 RoPE).
+pub const HEAD_DIM_K: usize = 576;
+/// Width of a V row: the first 512 columns of the K row.
+pub const HEAD_DIM_V: usize = 512;
+/// Page size of upstream FlashMLA's paged cache.
+pub const DEFAULT_PAGE_SIZE: usize = 64;
+
+/// Default `softmax_scale`: `576^-0.5`.
+pub fn default_softmax_scale() -> f32 {
+    1.0 / (HEAD_DIM_K as f32).sqrt()
+}
+
+/// The sizes that fix buffer shapes (metadata rows, workspace).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DecodeShape {
+    /// Requests.
+    pub batch: usize,
+    /// Query tokens per request.
+    pub s_q: usize,
+    /// Query heads.
+    pub h_q: usize,
+    /// KV heads (divides `h_q`).
+    pub h_kv: usize,
+    /// Input dtype.
+    pub dtype: DType,
+}
+
+impl DecodeShape {
+    /// Query heads per KV head.
+    pub fn heads_per_kv(&self) -> usize {
+        self.h_q / self.h_kv.max(1)
+    }
+
+    /// Query rows sharing one KV head: `s_q · h_q / h_kv` (row `r = t · heads_per_kv + head_in_group`).
+    pub fn q_seq_per_hk(&self) -> usize {
+        self.s_q * self.heads_per_kv()
+    }
+}
+
+/// Arguments of the scheduler step.
+#[derive(Clone, Copy, Debug)]
+pub struct MetadataArgs {
+    /// `[b]` i32 sequence lengths.
+    pub cache_seqlens: TensorDesc,
+    /// `s_q · h_q / h_kv` (upstream's `num_heads_per_head_k`).
+    pub q_seq_per_hk: usize,
+    /// KV heads (upstream's `num_heads_k`).
+    pub h_kv: usize,
+    /// Output `[num_sm_parts, 8]` i32.
+    pub tile_scheduler_metadata: TensorDesc,
+    /// Output `[b + 1]` i32.
+    pub num_splits: TensorDesc,
+}
+
+/// Arguments of the decode step (upstream's `flash_mla_with_kvcache`, plus the outputs).
+#[derive(Clone, Copy, Debug)]
+pub struct DecodeArgs {
+    /// Queries `[b, s_q, h_q, 576]`.
+    pub q: TensorDesc,
+    /// Paged cache `[num_blocks, page_size, h_kv, 576]`.
+    pub k_cache: TensorDesc,
+    /// Page ids `[b, max_blocks_per_seq]` i32.
+    pub block_table: TensorDesc,
+    /// `[b]` i32.
+    pub cache_seqlens: TensorDesc,
+    /// Must be 512.
+    pub head_dim_v: usize,
+    /// From the scheduler step.
+    pub tile_scheduler_metadata: TensorDesc,
+    /// From the scheduler step.
+    pub num_splits: TensorDesc,
+    /// `None`: `576^-0.5`.
+    pub softmax_scale: Option<f32>,
+    /// Bottom-right aligned causal mask (ignored when `s_q == 1`).
+    pub causal: bool,
+    /// `[1]` f32, e4m3 only: real q = q · descale_q.
+    pub descale_q: Option<TensorDesc>,
+    /// `[1]` f32, e4m3 only: real k (and v) = k · descale_k.
+    pub descale_k: Option<TensorDesc>,
+    /// Output `[b, s_q, h_q, 512]`.
+    pub out: TensorDesc,
+    /// Output `[b, h_q, s_q]` f32, natural log.
+    pub lse: TensorDesc,
+}
+
+/// A validated decode problem.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct DecodeProblem {
+    /// Sizes.
+    pub shape: DecodeShape,
+    /// Tokens per cache page.
+    pub page_size: usize,
+    /// Pages in the cache.
+    pub num_blocks: usize,
+    /// Columns of the block table.
+    pub max_blocks_per_seq: usize,
+    /// Softmax scale (default applied).
+    pub softmax_scale: f32,
+    /// Effective causal flag (false when `s_q == 1`).
+    pub causal: bool,
+    /// Rows of the metadata.
+    pub num_sm_parts: usize,
+}
+
+fn check_ndim(name: &str, t: &TensorDesc, n: usize, what: &str) -> Result<()> {
+    if t.ndim != n {
+        return Err(Error::invalid(
+            format!("{name}.ndim"),
+            format!("{n} dims {what}"),
+            format!("{} dims {}", t.ndim, t.shape_string()),
+        ));
+    }
+    Ok(())
+}
+
+fn check_dtype(name: &str, t: &TensorDesc, want: ScalarType) -> Result<()> {
+    if t.dtype != want {
+        return Err(Error::invalid(format!("{name}.dtype"), want, t.dtype));
+    }
+    Ok(())
+}
+
+fn check_dim(name: &str, t: &TensorDesc, i: usize, want: usize) -> Result<()> {
+    if t.shape[i] != want as i64 {
+        return Err(Error::invalid(format!("{name}.shape[{i}]"), want, t.shape[i]));
+    }
+    Ok(())
+}
+
+fn positive_dim(name: &str, t: &TensorDesc, i: usize, what: &str) -> Result<usize> {
+    let d = t.shape[i];
+    if d < 1 {
+        return Err(Error::invalid(format!("{name}.shape[{i}]"), format!("{what} >= 1"), d));
+    }
+    Ok(d as usize)
+}
+
+fn check_last_contiguous(name: &str, t: &TensorDesc) -> Result<()> {
+    let last = t.ndim - 1;
+    if t.shape[last] > 1 && t.strides[last] != 1 {
+        return Err(Error::invalid(
+            format!("{name}.strides[{last}]"),
+            "1 (contiguous last dimension)",
+            t.strides[last],
+        ));
+    }
+    Ok(())
+}
+
+fn check_contiguous(name: &str, t: &TensorDesc) -> Result<()> {
+    if !t.is_contiguous() {
+        let want = crate::tensor::contiguous_strides(t.dims());
+        return Err(Error::invalid(
+            format!("{name}.strides"),
+            format!("{:?} (contiguous)", &want[..t.ndim]),
+            format!("{:?}", t.stride_slice()),
+        ));
+    }
+    Ok(())
+}
+
+/// Device, null pointer, negative stride and size-overflow checks shared by every tensor.
+fn check_memory(name: &str, t: &TensorDesc, device: Device) -> Result<()> {
+    if t.device != device {
+        return Err(Error::invalid(format!("{name}.device"), device, t.device));
+    }
+    if let Some((i, s)) = t.stride_slice().iter().enumerate().find(|(_, s)| **s < 0) {
+        return Err(Error::invalid(format!("{name}.strides[{i}]"), "a stride >= 0", s));
+    }
+    if let Some((i, d)) = t.dims().iter().enumerate().find(|(_, d)| **d < 0) {
+        return Err(Error::invalid(format!("{name}.shape[{i}]"), "an extent >= 0", d));
+    }
+    let extent = t.extent_elements().and_then(|e| e.checked_mul(t.dtype.size_bytes() as i64)).ok_or_else(|| {
+        Error::invalid(
+            name,
+            "a byte extent that fits in 63 bits",
+            format!("shape {} strides {:?}", t.shape_string(), t.stride_slice()),
+        )
+    })?;
+    if extent > 0 && t.data.is_null() {
+        return Err(Error::invalid(format!("{name}.data"), "a non-null pointer", "null"));
+    }
+    Ok(())
+}
+
+fn check_index_vector(name: &str, t: &TensorDesc, len: usize, device: Device) -> Result<()> {
+    check_ndim(name, t, 1, &format!("[{len}]"))?;
+    check_dtype(name, t, ScalarType::I32)?;
+    check_dim(name, t, 0, len)?;
+    check_contiguous(name, t)?;
+    check_memory(name, t, device)
+}
+
+fn check_metadata_buffers(
+    meta: &TensorDesc,
+    splits: &TensorDesc,
+    batch: usize,
+    parts: usize,
+    device: Device,
+) -> Result<()> {
+    let name = "tile_scheduler_metadata";
+    check_ndim(name, meta, 2, &format!("[{parts}, {METADATA_WORDS}]"))?;
+    check_dtype(name, meta, ScalarType::I32)?;
+    check_dim(name, meta, 0, parts)?;
+    check_dim(name, meta, 1, METADATA_WORDS)?;
+    check_contiguous(name, meta)?;
+    check_memory(name, meta, device)?;
+    check_index_vector("num_splits", splits, batch + 1, device)
+}
+
+/// Validates the scheduler step; returns the batch size and `num_sm_parts`.
+pub fn validate_metadata(args: &MetadataArgs, caps: &Capabilities) -> Result<(usize, usize)> {
+    let device = caps.device;
+    let s = &args.cache_seqlens;
+    check_ndim("cache_seqlens", s, 1, "[b]")?;
+    let batch = positive_dim("cache_seqlens", s, 0, "batch size")?;
+    check_index_vector("cache_seqlens", s, batch, device)?;
+    if args.h_kv == 0 {
+        return Err(Error::invalid("num_heads_k", ">= 1", 0));
+    }
+    if args.q_seq_per_hk == 0 {
+        return Err(Error::invalid("num_heads_per_head_k", ">= 1", 0));
+    }
+    let parts = scheduler::num_sm_parts(caps.sm_count, args.q_seq_per_hk, args.h_kv);
+    check_metadata_buffers(&args.tile_scheduler_metadata, &args.num_splits, batch, parts, device)?;
+    Ok((batch, parts))
+}
+
+/// Validates a decode call against a backend's capabilities.
+pub fn validate_decode(args: &DecodeArgs, caps: &Capabilities) -> Result<DecodeProblem> {
+    let device = caps.device;
+    if args.head_dim_v != HEAD_DIM_V {
+        return Err(Error::invalid("head_dim_v", HEAD_DIM_V, args.head_dim_v));
+    }
+
+    // q: [b, s_q, h_q, 576]
+    let q = &args.q;
+    check_ndim("q", q, 4, "[b, s_q, h_q, 576]")?;
+    let dtype = q.dtype.as_input().ok_or_else(|| Error::invalid("q.dtype", "bf16, fp16 or e4m3", q.dtype))?;
+    if !caps.dtypes.contains(&dtype) {
+        let names: Vec<&str> = caps.dtypes.iter().map(|d| d.name()).collect();
+        return Err(Error::invalid("q.dtype", format!("one of {names:?} on backend `{}`", caps.backend), dtype));
+    }
+    let batch = positive_dim("q", q, 0, "batch size")?;
+    let s_q = positive_dim("q", q, 1, "s_q")?;
+    let h_q = positive_dim("q", q, 2, "h_q")?;
+    check_dim("q", q, 3, HEAD_DIM_K)?;
+    check_last_contiguous("q", q)?;
+    check_memory("q", q, device)?;
+
+    // k_cache: [num_blocks, page_size, h_kv, 576]
+    let k = &args.k_cache;
+    check_ndim("k_cache", k, 4, "[num_blocks, page_size, h_kv, 576]")?;
+    if k.dtype != q.dtype {
+        return Err(Error::invalid("k_cache.dtype", format!("{} (the dtype of q)", q.dtype), k.dtype));
+    }
+    let num_blocks = positive_dim("k_cache", k, 0, "num_blocks")?;
+    let page_size = positive_dim("k_cache", k, 1, "page_size")?;
+    if !caps.page_sizes.accepts(page_size) {
+        return Err(Error::invalid(
+            "k_cache.shape[1]",
+            format!("{} on backend `{}`", caps.page_sizes.describe(), caps.backend),
+            page_size,
+        ));
+    }
+    let h_kv = positive_dim("k_cache", k, 2, "h_kv")?;
+    check_dim("k_cache", k, 3, HEAD_DIM_K)?;
+    check_last_contiguous("k_cache", k)?;
+    check_memory("k_cache", k, device)?;
+    if h_q % h_kv != 0 {
+        return Err(Error::invalid("q.shape[2]", format!("a multiple of h_kv = {h_kv}"), h_q));
+    }
+
+    // block_table: [b, max_blocks_per_seq]
+    let bt = &args.block_table;
+    check_ndim("block_table", bt, 2, "[b, max_blocks_per_seq]")?;
+    check_dtype("block_table", bt, ScalarType::I32)?;
+    check_dim("block_table", bt, 0, batch)?;
+    let max_blocks_per_seq = bt.shape[1].max(0) as usize;
+    check_last_contiguous("block_table", bt)?;
+    check_memory("block_table", bt, device)?;
+
+    check_index_vector("cache_seqlens", &args.cache_seqlens, batch, device)?;
+
+    let shape = DecodeShape { batch, s_q, h_q, h_kv, dtype };
+    let num_sm_parts = scheduler::num_sm_parts(caps.sm_count, shape.q_seq_per_hk(), h_kv);
+    check_metadata_buffers(&args.tile_scheduler_metadata, &args.num_splits, batch, num_sm_parts, device)?;
+
+    let softmax_scale = args.softmax_scale.unwrap_or_else(default_softmax_scale);
+    if !(softmax_scale.is_finite() && softmax_scale > 0.0) {
+        return Err(Error::invalid("softmax_scale", "a finite value > 0", softmax_scale));
+    }
+
+    for (name, d) in [("descale_q", &args.descale_q), ("descale_k", &args.descale_k)] {
+        match (dtype.needs_descale(), d) {
+            (true, None) => return Err(Error::invalid(name, "a [1] f32 tensor (required for e4m3 inputs)", "none")),
+            (false, Some(_)) => {
+                return Err(Error::invalid(
+                    name,
+                    format!("none (descales apply to e4m3 only, inputs are {dtype})"),
+                    "a tensor",
+                ));
+            }
+            (true, Some(t)) => {
+                check_ndim(name, t, 1, "[1]")?;
+                check_dtype(name, t, ScalarType::F32)?;
+                check_dim(name, t, 0, 1)?;
+                check_memory(name, t, device)?;
+            }
+            (false, None) => {}
+        }
+    }
+
+    // out: [b, s_q, h_q, 512]
+    let out = &args.out;
+    check_ndim("out", out, 4, "[b, s_q, h_q, 512]")?;
+    check_dtype("out", out, dtype.out_dtype())?;
+    check_dim("out", out, 0, batch)?;
+    check_dim("out", out, 1, s_q)?;
+    check_dim("out", out, 2, h_q)?;
+    check_dim("out", out, 3, HEAD_DIM_V)?;
+    check_last_contiguous("out", out)?;
+    check_memory("out", out, device)?;
+
+    // lse: [b, h_q, s_q]
+    let lse = &args.lse;
+    check_ndim("lse", lse, 3, "[b, h_q, s_q]")?;
+    check_dtype("lse", lse, ScalarType::F32)?;
+    check_dim("lse", lse, 0, batch)?;
+    check_dim("lse", lse, 1, h_q)?;
+    check_dim("lse", lse, 2, s_q)?;
+    check_memory("lse", lse, device)?;
+
+    Ok(DecodeProblem {
+        shape,
+        page_size,
+        num_blocks,
+        max_blocks_per_seq,
+        softmax_scale,
+        causal: args.causal && s_q > 1,
+        num_sm_parts,
+    })
+}

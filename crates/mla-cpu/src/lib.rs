@@ -1,0 +1,1 @@
+//! CPU reference backend (work in progress: implemented under issue 3).

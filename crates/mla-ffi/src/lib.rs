@@ -1,0 +1,1 @@
+//! C ABI of flashmla-rs (work in progress: implemented under issue 4).
