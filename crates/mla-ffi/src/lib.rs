@@ -1,1 +1,5 @@
-//! C ABI of flashmla-rs (work in progress: implemented under issue 4).
+//! C ABI of flashmla-rs (the C entry points land under issue 4), and the backend registry shared with the CLI.
+
+pub mod registry;
+
+pub use registry::{BACKEND_NAMES, open_backend};
