@@ -1,0 +1,41 @@
+//! `flashmla info`: which backends can run here, and why the others cannot.
+
+use mla_core::MlaBackend;
+
+use crate::args::{Args, CliResult};
+
+fn describe(b: &dyn MlaBackend) -> String {
+    let c = b.capabilities();
+    let cc = c.compute_capability.map(|(ma, mi)| format!(", sm_{ma}{mi}")).unwrap_or_default();
+    let dtypes: Vec<&str> = c.dtypes.iter().map(|d| d.name()).collect();
+    format!(
+        "available: {} ({} {}{cc}), dtypes {}, {}",
+        c.device_name,
+        c.sm_count,
+        if c.compute_capability.is_some() { "SMs" } else { "threads" },
+        dtypes.join("/"),
+        c.page_sizes.describe()
+    )
+}
+
+/// Runs `flashmla info`.
+pub fn run(args: &Args) -> CliResult {
+    let ordinal: i32 = args.parsed_or("device", 0)?;
+    args.finish()?;
+    println!("flashmla {} (ABI and backends of flashmla-rs)", env!("CARGO_PKG_VERSION"));
+    println!("build: {}; sm_90a kernels: {}", profile(), mla_hopper::build_info());
+    for name in ["cpu", "hopper"] {
+        let line = match flashmla::open_backend(name, ordinal) {
+            Ok(b) => describe(b.as_ref()),
+            Err(e) => format!("unavailable: {e}"),
+        };
+        println!("  {name:<7} {line}");
+    }
+    let auto = flashmla::open_backend("auto", ordinal).map(|b| b.name()).unwrap_or("none");
+    println!("  auto    -> {auto}");
+    Ok(())
+}
+
+fn profile() -> &'static str {
+    if cfg!(debug_assertions) { "debug" } else { "release" }
+}

@@ -1,0 +1,101 @@
+//! `flashmla plan`: the scheduler's output for given sequence lengths.
+
+use std::fmt::Write as _;
+use std::path::Path;
+
+use mla_core::scheduler::{self, SchedulePlan};
+
+use crate::args::{Args, CliResult};
+use crate::{cli_err, npy};
+
+/// SM count used when `--num-sms` is not given: an H100 SXM.
+pub const DEFAULT_NUM_SMS: usize = 132;
+
+/// Runs `flashmla plan`.
+pub fn run(args: &Args) -> CliResult {
+    let seqlens = match (args.list::<i32>("seqlens")?, args.value("seqlens-file")) {
+        (Some(v), None) => v,
+        (None, Some(f)) => {
+            let p = Path::new(f);
+            let (shape, v) = npy::read(p)?.into_i32(p)?;
+            if shape.len() != 1 {
+                return Err(cli_err!("--seqlens-file {f}: expected a 1-D int32 array, got shape {shape:?}"));
+            }
+            v
+        }
+        (Some(_), Some(_)) => return Err(cli_err!("--seqlens and --seqlens-file are exclusive; give one")),
+        (None, None) => return Err(cli_err!("--seqlens (comma-separated) or --seqlens-file (int32 .npy) is required")),
+    };
+    let s_q: usize = args.parsed_or("s-q", 1)?;
+    let h_q: usize = args.parsed_or("h-q", 128)?;
+    let h_kv: usize = args.parsed_or("h-kv", 1)?;
+    let num_sms: usize = args.parsed_or("num-sms", DEFAULT_NUM_SMS)?;
+    let json = args.flag("json");
+    args.finish()?;
+    for (name, v) in [("s-q", s_q), ("h-q", h_q), ("h-kv", h_kv), ("num-sms", num_sms)] {
+        if v == 0 {
+            return Err(cli_err!("--{name}: expected a value >= 1, got 0"));
+        }
+    }
+    if h_q % h_kv != 0 {
+        return Err(cli_err!("--h-q: expected a multiple of --h-kv = {h_kv}, got {h_q}"));
+    }
+    if seqlens.is_empty() {
+        return Err(cli_err!("--seqlens: expected at least one length, got none"));
+    }
+    let q_seq_per_hk = s_q * h_q / h_kv;
+    let parts = scheduler::num_sm_parts(num_sms, q_seq_per_hk, h_kv);
+    let plan = scheduler::plan(&seqlens, parts)?;
+    print!("{}", if json { to_json(&plan) } else { to_table(&plan, &seqlens, q_seq_per_hk, h_kv) });
+    Ok(())
+}
+
+/// `{"num_sm_parts": P, "tile_scheduler_metadata": [[8 ints], ...], "num_splits": [...]}` on one line.
+pub fn to_json(plan: &SchedulePlan) -> String {
+    let join = |v: &[i32]| v.iter().map(|x| x.to_string()).collect::<Vec<_>>().join(", ");
+    let rows: Vec<String> = plan.parts.iter().map(|p| format!("[{}]", join(&p.to_words()))).collect();
+    format!(
+        "{{\"num_sm_parts\": {}, \"tile_scheduler_metadata\": [{}], \"num_splits\": [{}]}}\n",
+        plan.parts.len(),
+        rows.join(", "),
+        join(&plan.num_splits)
+    )
+}
+
+fn to_table(plan: &SchedulePlan, seqlens: &[i32], q_seq_per_hk: usize, h_kv: usize) -> String {
+    let mut s = String::new();
+    let m_blocks = q_seq_per_hk.div_ceil(scheduler::BLOCK_SIZE_M);
+    let _ = writeln!(
+        s,
+        "{} requests, {} parts (grid {m_blocks} M tiles x {h_kv} KV heads x {} parts), {} splits",
+        seqlens.len(),
+        plan.parts.len(),
+        plan.parts.len(),
+        plan.total_splits()
+    );
+    let _ = writeln!(
+        s,
+        "{:>5} | {:>9} {:>7} {:>11} {:>9} {:>11} {:>7} {:>7}",
+        "part", "begin_req", "end_req", "begin_block", "end_block", "begin_split", "first*", "last*"
+    );
+    for (i, p) in plan.parts.iter().enumerate() {
+        if p.is_empty() {
+            let _ = writeln!(s, "{i:>5} | (idle)");
+            continue;
+        }
+        let _ = writeln!(
+            s,
+            "{i:>5} | {:>9} {:>7} {:>11} {:>9} {:>11} {:>7} {:>7}",
+            p.begin_req,
+            p.end_req,
+            p.begin_block,
+            p.end_block,
+            p.begin_split,
+            p.is_first_req_split,
+            p.is_last_req_split
+        );
+    }
+    let _ = writeln!(s, "* = request has more than one split");
+    let _ = writeln!(s, "num_splits: {:?}", plan.num_splits);
+    s
+}
