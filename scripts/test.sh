@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# The test command of flashmla-rs (README): installs what it needs, then runs every check CI runs.
+#
+#   1. the pinned CUDA compiler (pip wheels, project-local .cuda/) so the sm_90a kernels are compiled on every run
+#   2. cargo fmt --check, clippy with warnings denied, cargo test over the whole workspace
+#   3. the Python package's tests (pytest, in a project-local virtualenv), when the package is present
+#
+# GPU tests skip with a printed reason on machines without a GPU (set FLASHMLA_REQUIRE_GPU=1 to make them fail).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+if [ -f scripts/install-cuda.sh ]; then
+    bash scripts/install-cuda.sh
+fi
+
+echo "== cargo fmt --check"
+cargo fmt --all -- --check
+echo "== cargo clippy"
+cargo clippy --workspace --all-targets -- -D warnings
+echo "== cargo test"
+cargo test --workspace
+
+if [ -f scripts/test-python.sh ]; then
+    echo "== python tests"
+    bash scripts/test-python.sh
+fi
