@@ -1,0 +1,24 @@
+"""Marks the wheel as platform-specific: it bundles libflashmla.so, but no CPython extension, so the tag is
+py3-none-<platform> (e.g. py3-none-linux_x86_64). Everything else is in pyproject.toml."""
+
+import os
+import sysconfig
+
+from setuptools import setup
+from setuptools.command.bdist_wheel import bdist_wheel
+
+
+class PlatformWheel(bdist_wheel):
+    def finalize_options(self):
+        super().finalize_options()
+        self.root_is_pure = False
+
+    def get_tag(self):
+        plat = self.plat_name or sysconfig.get_platform()
+        return "py3", "none", plat.replace("-", "_").replace(".", "_")
+
+
+if not os.path.exists(os.path.join(os.path.dirname(os.path.abspath(__file__)), "flashmla", "libflashmla.so")):
+    raise SystemExit("python/flashmla/libflashmla.so is missing: build the wheel with scripts/build-wheel.sh")
+
+setup(cmdclass={"bdist_wheel": PlatformWheel})

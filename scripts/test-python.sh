@@ -1,0 +1,58 @@
+#!/usr/bin/env bash
+# Tests of the `flashmla` Python package (called by scripts/test.sh; runs on its own too).
+#
+#   1. a virtualenv under $CARGO_TARGET_DIR/python-test/ (default target/, git-ignored) with pinned numpy,
+#      ml-dtypes and pytest (python3 -m venv; falls back to virtualenv where Debian lacks python3-venv)
+#   2. the wheel, built by scripts/build-wheel.sh and pip-installed into that virtualenv
+#   3. pytest over python/tests against the *installed* wheel: the NumPy tests on the CPU backend always run;
+#      the PyTorch/CUDA tests skip with a printed reason where torch or a GPU is missing
+#      (FLASHMLA_REQUIRE_GPU=1 turns those skips into failures)
+#
+# Extra arguments go to pytest, e.g. scripts/test-python.sh -k readme -x
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$ROOT"
+
+PY="${PYTHON:-python3}"
+TARGET_DIR="${CARGO_TARGET_DIR:-$ROOT/target}"
+case "$TARGET_DIR" in /*) ;; *) TARGET_DIR="$ROOT/$TARGET_DIR" ;; esac
+WORK="$TARGET_DIR/python-test"
+VENV="$WORK/venv"
+PINS=(numpy==2.2.6 ml-dtypes==0.5.1 pytest==8.3.5)
+STAMP="$VENV/.flashmla-pins"
+WANT="$("$PY" -c 'import sys; print(sys.version)') ${PINS[*]}"
+
+if [[ ! -x "$VENV/bin/python" || ! -f "$STAMP" || "$(cat "$STAMP")" != "$WANT" ]]; then
+    echo "== test-python: virtualenv $VENV"
+    rm -rf "$VENV"
+    mkdir -p "$WORK"
+    if ! "$PY" -m venv "$VENV" >/dev/null 2>&1; then
+        # Debian's python3 without python3-venv has no ensurepip: use virtualenv (installed beside, not into, the
+        # system Python, so PEP 668 does not object).
+        echo "test-python: python3 -m venv failed (no python3-venv?); using virtualenv"
+        rm -rf "$VENV" "$WORK/virtualenv"
+        "$PY" -m pip install --quiet --disable-pip-version-check --target "$WORK/virtualenv" virtualenv==20.29.3
+        PYTHONPATH="$WORK/virtualenv" "$PY" -m virtualenv --quiet "$VENV"
+    fi
+    "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check "${PINS[@]}"
+    echo "$WANT" > "$STAMP"
+fi
+
+WHEEL_DIR="$WORK/wheel"
+PYTHON="$VENV/bin/python" bash scripts/build-wheel.sh "$WHEEL_DIR"
+"$VENV/bin/python" -m pip install --quiet --disable-pip-version-check --force-reinstall --no-deps \
+    "$WHEEL_DIR"/flashmla-*.whl
+
+echo "== test-python: pytest"
+# Run from outside python/ so that `import flashmla` finds the installed wheel, never the source tree; the tests
+# check that (FLASHMLA_EXPECT_INSTALLED).
+set +e
+(cd "$WORK" && FLASHMLA_EXPECT_INSTALLED=1 FLASHMLA_REPO_ROOT="$ROOT" "$VENV/bin/pytest" -p no:cacheprovider -ra \
+    "$ROOT/python/tests" "$@")
+rc=$?
+set -e
+if [[ $rc == 5 ]]; then
+    echo "test-python: pytest collected no tests" >&2
+    exit 1
+fi
+exit $rc
