@@ -1,0 +1,80 @@
+//! The crate's one error type, mapped into [`mla_core::Error`] at the API boundary.
+
+use cudarc::driver::DriverError;
+
+/// What can go wrong inside the Hopper backend.
+#[derive(Debug, thiserror::Error)]
+pub enum HopperError {
+    /// The crate was built without nvcc.
+    #[error("kernels not built ({0})")]
+    KernelsNotBuilt(&'static str),
+    /// `libcuda.so` could not be loaded.
+    #[error("the CUDA driver library (libcuda.so.1) was not found")]
+    NoDriver,
+    /// The requested ordinal does not exist.
+    #[error("no CUDA device {ordinal} (the driver reports {count} device(s))")]
+    NoDevice {
+        /// Requested ordinal.
+        ordinal: i32,
+        /// Devices present.
+        count: i32,
+    },
+    /// The device is not a Hopper (sm_90) GPU.
+    #[error("device {ordinal} ({name}) has compute capability {major}.{minor}; the kernels need sm_90 (Hopper)")]
+    NotHopper {
+        /// Ordinal.
+        ordinal: i32,
+        /// Device name.
+        name: String,
+        /// Compute capability major.
+        major: i32,
+        /// Compute capability minor.
+        minor: i32,
+    },
+    /// A driver call failed while opening the device.
+    #[error("opening the device: `{call}` failed: {source}")]
+    Init {
+        /// The call.
+        call: &'static str,
+        /// Driver status.
+        source: DriverError,
+    },
+    /// A driver call failed after the device was opened (launch, tensor-map encoding, …).
+    #[error("`{call}` failed: {source}")]
+    Driver {
+        /// The call.
+        call: &'static str,
+        /// Driver status.
+        source: DriverError,
+    },
+    /// The CUDA bindings panicked (e.g. a missing driver symbol); caught so callers never see a panic.
+    #[error("the CUDA bindings panicked: {0}")]
+    Panic(String),
+}
+
+impl From<HopperError> for mla_core::Error {
+    fn from(e: HopperError) -> Self {
+        let backend = "hopper".to_string();
+        match e {
+            HopperError::NotHopper { .. } => mla_core::Error::Unsupported { backend, reason: e.to_string() },
+            HopperError::Driver { .. } => mla_core::Error::Backend { backend, message: e.to_string() },
+            _ => mla_core::Error::Unavailable { backend, reason: e.to_string() },
+        }
+    }
+}
+
+/// Turns a driver status into a [`HopperError::Driver`] naming the call.
+pub(crate) fn check(call: &'static str, r: cudarc::driver::sys::CUresult) -> Result<(), HopperError> {
+    match r {
+        cudarc::driver::sys::CUresult::CUDA_SUCCESS => Ok(()),
+        status => Err(HopperError::Driver { call, source: DriverError(status) }),
+    }
+}
+
+/// Formats a caught panic payload.
+pub(crate) fn panic_message(p: Box<dyn std::any::Any + Send>) -> String {
+    p.downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| p.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "unknown panic".into())
+}

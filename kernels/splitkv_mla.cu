@@ -1,0 +1,496 @@
+// Split-KV MLA decode kernel for sm_90a: one CTA per (64-row query tile, KV head, scheduler part).
+//
+// Two warpgroups share the 64 x 512 output tile by columns and walk the part's 64-token pages in order:
+//
+//   TMA (thread 0) ──► sK[buf] (page, 9 x 8 KiB SW128 chunks; e4m3: 5 chunks)     double buffered, 1 mbarrier each
+//   WG0: S = Q·Kᵀ (wgmma SS) ─► mask, online softmax ─► P (registers + sP) ─► O[:, 0:256]  += P·V  (wgmma RS)
+//   WG1:                        (e4m3: V → f16 tile)    wait P ──────────────► O[:, 256:512] += sP·V (wgmma SS)
+//
+// V is the first 512 columns of the K page, read by wgmma as a transposed (MN-major) view of the same tile. For
+// e4m3 inputs the FP8 wgmma cannot transpose, so WG1 converts the page's V to an f16 tile (exact) while WG0 runs
+// Q·Kᵀ in FP8; P·V then runs in f16 with P in [0, 1] (10 mantissa bits instead of e4m3's 3).
+//
+// Logits are kept in the log2 domain (scale · log2 e folded in), masked by select (never by adding), so NaN in K
+// rows past the request's end never leaks; V rows past the end are zeroed in shared memory before P·V (0 · NaN is
+// NaN). Rows that see nothing give out = 0, lse = +inf. A request with one split writes out/lse directly; a split
+// writes its normalised partial O and its log2-domain lse to the workspace for kernels/combine.cu.
+#include "mla_params.h"
+#include "mla_ptx.cuh"
+
+namespace mla {
+
+enum Kind : int { KIND_BF16 = 0, KIND_F16 = 1, KIND_E4M3 = 2 };
+
+constexpr int NUM_THREADS = 256;    // two warpgroups
+constexpr int WG_THREADS = 128;     // one warpgroup
+constexpr int CHUNK_BYTES = 8192;   // 64 rows x 128 bytes, one SW128 atom column
+constexpr int ROW_BYTES = 128;      // a swizzled tile row
+constexpr int SW128_SBO = 1024;     // 8 rows x 128 B: stride between 8-row groups
+constexpr int KMAJOR_LBO = 16;      // ignored for swizzled K-major operands
+constexpr int V_HALF_COLS = 256;    // output columns per warpgroup
+constexpr int V_CHUNKS = HEAD_DIM_V / 64;           // 16-bit V chunks (8)
+constexpr int V_HALF_BYTES = 4 * CHUNK_BYTES;       // start of V columns 256..511 in a 16-bit tile
+constexpr int V_K16_STEP_BYTES = 16 * ROW_BYTES;    // 16 tokens down the MN-major V view
+constexpr int V_MN_LBO = CHUNK_BYTES;               // MN-major: stride between 64-column blocks
+constexpr int BAR_P_READY = 1;                      // named barrier: P, row scales and V are in shared memory
+constexpr float LN2 = 0.69314718055994530942f;
+
+template <int KIND>
+struct Traits;
+template <>
+struct Traits<KIND_BF16> {
+  using Out = __nv_bfloat16;
+  static constexpr int ELEM_BYTES = 2;
+  static constexpr int CHUNKS = 9;          // 576 columns / 64
+  static constexpr int COLS_PER_CHUNK = 64;
+  static constexpr bool FP8 = false;
+  static constexpr bool OUT_F16 = false;
+};
+template <>
+struct Traits<KIND_F16> {
+  using Out = __half;
+  static constexpr int ELEM_BYTES = 2;
+  static constexpr int CHUNKS = 9;
+  static constexpr int COLS_PER_CHUNK = 64;
+  static constexpr bool FP8 = false;
+  static constexpr bool OUT_F16 = true;
+};
+template <>
+struct Traits<KIND_E4M3> {
+  using Out = __nv_bfloat16;
+  static constexpr int ELEM_BYTES = 1;
+  static constexpr int CHUNKS = 5;          // 576 columns = 4 x 128 + 64; the 5th box is half out of bounds (zeros)
+  static constexpr int COLS_PER_CHUNK = 128;
+  static constexpr bool FP8 = true;
+  static constexpr bool OUT_F16 = false;
+};
+
+// Shared-memory plan (offsets from a 1024-aligned base).
+template <int KIND>
+struct Smem {
+  static constexpr int TILE = Traits<KIND>::CHUNKS * CHUNK_BYTES;  // one Q tile or one K page
+  static constexpr int Q = 0;
+  static constexpr int K0 = TILE;
+  static constexpr int K1 = 2 * TILE;
+  static constexpr int V = 3 * TILE;  // e4m3 only: f16 copy of the page's V
+  static constexpr int V_BYTES = Traits<KIND>::FP8 ? V_CHUNKS * CHUNK_BYTES : 0;
+  static constexpr int P = V + V_BYTES;                // 64 x 64 16-bit, K-major SW128
+  static constexpr int SCALE = P + CHUNK_BYTES;        // 64 f32: per-row rescale of O for this page
+  static constexpr int ROW_M = SCALE + BLOCK_M * 4;    // 64 f32: final running max (log2 domain)
+  static constexpr int ROW_L = ROW_M + BLOCK_M * 4;    // 64 f32: final row sum
+  static constexpr int BARS = ROW_L + BLOCK_M * 4;     // 2 mbarriers (one per K buffer)
+  static constexpr int END = BARS + 16;
+  static constexpr int DYNAMIC_BYTES = END + 1024;     // + slack to align the base to 1024
+};
+static_assert(Smem<KIND_BF16>::DYNAMIC_BYTES <= 232448, "16-bit plan exceeds the 227 KiB opt-in limit");
+static_assert(Smem<KIND_E4M3>::DYNAMIC_BYTES <= 232448, "e4m3 plan exceeds the 227 KiB opt-in limit");
+
+__device__ __forceinline__ uint32_t swz128(int row, int vec16) {
+  return static_cast<uint32_t>(row * ROW_BYTES + ((vec16 ^ (row & 7)) << 4));
+}
+
+template <int KIND>
+__device__ __forceinline__ void issue_page_load(const CUtensorMap* tmap_k, uint32_t dst, uint32_t bar, int kv_head,
+                                                int page) {
+  using Tr = Traits<KIND>;
+  mbar_arrive_expect_tx(bar, Smem<KIND>::TILE);
+#pragma unroll
+  for (int c = 0; c < Tr::CHUNKS; ++c) {
+    tma_load_4d(dst + c * CHUNK_BYTES, tmap_k, c * Tr::COLS_PER_CHUNK, kv_head, 0, page, bar);
+  }
+}
+
+// All 256 threads copy the 64 x 576 query tile into the swizzled K-major layout (zeros past the last row).
+template <int KIND>
+__device__ __forceinline__ void load_q_tile(uint8_t* sq, const DecodeParams& p, int req, int kv_head, int tile_row0) {
+  constexpr int VEC_PER_ROW = HEAD_DIM_K * Traits<KIND>::ELEM_BYTES / 16;
+  const uint8_t* q = static_cast<const uint8_t*>(p.q);
+  for (int idx = threadIdx.x; idx < BLOCK_M * VEC_PER_ROW; idx += NUM_THREADS) {
+    const int row = idx / VEC_PER_ROW;
+    const int v = idx % VEC_PER_ROW;
+    const int rg = tile_row0 + row;
+    uint4 val = make_uint4(0, 0, 0, 0);
+    if (rg < p.q_seq_per_hk) {
+      const int t = rg / p.heads_per_kv;
+      const int h = kv_head * p.heads_per_kv + rg % p.heads_per_kv;
+      const int64_t off = (req * p.q_stride_b + t * p.q_stride_t + h * p.q_stride_h) * Traits<KIND>::ELEM_BYTES;
+      val = *reinterpret_cast<const uint4*>(q + off + v * 16);
+    }
+    *reinterpret_cast<uint4*>(sq + (v / 8) * CHUNK_BYTES + swz128(row, v % 8)) = val;
+  }
+}
+
+// S[64x64] = Q · Kᵀ for one page (WG0).
+template <int KIND>
+__device__ __forceinline__ void gemm_qk(float (&s)[32], uint32_t sq, uint32_t sk) {
+  wgmma_fence();
+  if constexpr (Traits<KIND>::FP8) {
+#pragma unroll
+    for (int c = 0; c < Traits<KIND>::CHUNKS; ++c) {
+      // 32-column k-steps of 32 bytes; the last chunk holds only 64 real columns (2 steps).
+      constexpr int STEPS_FULL = 4, STEPS_TAIL = 2;
+#pragma unroll
+      for (int k = 0; k < (c + 1 < Traits<KIND>::CHUNKS ? STEPS_FULL : STEPS_TAIL); ++k) {
+        const uint32_t off = c * CHUNK_BYTES + k * 32;
+        wgmma_m64n64k32_ss_e4m3(s, make_smem_desc(sq + off, KMAJOR_LBO, SW128_SBO),
+                                make_smem_desc(sk + off, KMAJOR_LBO, SW128_SBO), (c | k) != 0);
+      }
+    }
+  } else {
+#pragma unroll
+    for (int c = 0; c < Traits<KIND>::CHUNKS; ++c) {
+#pragma unroll
+      for (int k = 0; k < 4; ++k) {  // four 16-column k-steps of 32 bytes per 128-byte row
+        const uint32_t off = c * CHUNK_BYTES + k * 32;
+        const uint64_t da = make_smem_desc(sq + off, KMAJOR_LBO, SW128_SBO);
+        const uint64_t db = make_smem_desc(sk + off, KMAJOR_LBO, SW128_SBO);
+        if constexpr (KIND == KIND_BF16) {
+          wgmma_m64n64k16_ss_bf16(s, da, db, (c | k) != 0);
+        } else {
+          wgmma_m64n64k16_ss_f16(s, da, db, (c | k) != 0);
+        }
+      }
+    }
+  }
+  wgmma_commit();
+  wgmma_wait<0>();
+  pin_regs(s);
+}
+
+// O[64x256] += P (registers, A fragments) · V half (MN-major view). 16-bit P: bf16 for bf16 inputs, else f16.
+template <int KIND>
+__device__ __forceinline__ void gemm_pv_rs(float (&o)[128], const uint32_t (&pa)[4][4], uint32_t sv_half) {
+  wgmma_fence();
+#pragma unroll
+  for (int kk = 0; kk < 4; ++kk) {
+    const uint64_t db = make_smem_desc(sv_half + kk * V_K16_STEP_BYTES, V_MN_LBO, SW128_SBO);
+    if constexpr (KIND == KIND_BF16) {
+      wgmma_m64n256k16_rs_bf16(o, pa[kk], db, 1);
+    } else {
+      wgmma_m64n256k16_rs_f16(o, pa[kk], db, 1);
+    }
+  }
+  wgmma_commit();
+  wgmma_wait<0>();
+  pin_regs(o);
+}
+
+// O[64x256] += sP (shared, K-major) · V half (MN-major view).
+template <int KIND>
+__device__ __forceinline__ void gemm_pv_ss(float (&o)[128], uint32_t sp, uint32_t sv_half) {
+  wgmma_fence();
+#pragma unroll
+  for (int kk = 0; kk < 4; ++kk) {
+    const uint64_t da = make_smem_desc(sp + kk * 32, KMAJOR_LBO, SW128_SBO);
+    const uint64_t db = make_smem_desc(sv_half + kk * V_K16_STEP_BYTES, V_MN_LBO, SW128_SBO);
+    if constexpr (KIND == KIND_BF16) {
+      wgmma_m64n256k16_ss_bf16(o, da, db, 1);
+    } else {
+      wgmma_m64n256k16_ss_f16(o, da, db, 1);
+    }
+  }
+  wgmma_commit();
+  wgmma_wait<0>();
+  pin_regs(o);
+}
+
+// e4m3 only (WG1): the page's first 512 columns → f16 tile in the 16-bit SW128 layout; rows >= valid are zero.
+__device__ __forceinline__ void convert_v_e4m3(const uint8_t* sk, uint8_t* sv, int valid, int tw) {
+  constexpr int SRC_VEC_PER_ROW = HEAD_DIM_V / 16;  // 16 e4m3 per 16-byte vector
+  for (int idx = tw; idx < PAGE_TOKENS * SRC_VEC_PER_ROW; idx += WG_THREADS) {
+    const int row = idx / SRC_VEC_PER_ROW;
+    const int v = idx % SRC_VEC_PER_ROW;
+    uint4 lo = make_uint4(0, 0, 0, 0), hi = make_uint4(0, 0, 0, 0);
+    if (row < valid) {
+      const uint4 x = *reinterpret_cast<const uint4*>(sk + (v / 8) * CHUNK_BYTES + swz128(row, v % 8));
+      lo = make_uint4(e4m3x2_to_f16x2(x.x & 0xFFFF), e4m3x2_to_f16x2(x.x >> 16), e4m3x2_to_f16x2(x.y & 0xFFFF),
+                      e4m3x2_to_f16x2(x.y >> 16));
+      hi = make_uint4(e4m3x2_to_f16x2(x.z & 0xFFFF), e4m3x2_to_f16x2(x.z >> 16), e4m3x2_to_f16x2(x.w & 0xFFFF),
+                      e4m3x2_to_f16x2(x.w >> 16));
+    }
+    // Source columns 16v..16v+15 are f16 vectors 2v, 2v+1: chunk v/4, vectors 2(v%4) and 2(v%4)+1.
+    uint8_t* dst = sv + (v / 4) * CHUNK_BYTES;
+    *reinterpret_cast<uint4*>(dst + swz128(row, 2 * (v % 4))) = lo;
+    *reinterpret_cast<uint4*>(dst + swz128(row, 2 * (v % 4) + 1)) = hi;
+  }
+}
+
+// 16-bit only (WG0): zero V rows valid..63 of a page (NaN or garbage past the request's end).
+__device__ __forceinline__ void zero_v_tail(uint8_t* sk, int valid, int tw) {
+  constexpr int VEC_PER_V_ROW = V_CHUNKS * 8;
+  for (int idx = tw; idx < (PAGE_TOKENS - valid) * VEC_PER_V_ROW; idx += WG_THREADS) {
+    const int row = valid + idx / VEC_PER_V_ROW;
+    const int v = idx % VEC_PER_V_ROW;
+    *reinterpret_cast<uint4*>(sk + (v / 8) * CHUNK_BYTES + row * ROW_BYTES + (v % 8) * 16) = make_uint4(0, 0, 0, 0);
+  }
+}
+
+template <int KIND>
+__device__ __forceinline__ uint32_t pack_p(float lo, float hi) {
+  if constexpr (KIND == KIND_BF16) {
+    return pack_bf16x2(lo, hi);
+  } else {
+    return pack_f16x2(lo, hi);
+  }
+}
+
+template <int KIND>
+__device__ __forceinline__ void splitkv_body(const CUtensorMap* tmap_k, const DecodeParams& p) {
+  using Tr = Traits<KIND>;
+  using Sm = Smem<KIND>;
+  using Out = typename Tr::Out;
+  extern __shared__ __align__(1024) uint8_t smem_raw[];
+  const uint32_t raw = smem_u32(smem_raw);
+  const uint32_t base = (raw + 1023u) & ~1023u;
+  uint8_t* gbase = smem_raw + (base - raw);
+  {
+    uint32_t dyn;
+    asm("mov.u32 %0, %%dynamic_smem_size;" : "=r"(dyn));
+    if (dyn < static_cast<uint32_t>(Sm::DYNAMIC_BYTES)) __trap();  // host/kernel plan mismatch
+  }
+  float* s_scale = reinterpret_cast<float*>(gbase + Sm::SCALE);
+  float* s_row_m = reinterpret_cast<float*>(gbase + Sm::ROW_M);
+  float* s_row_l = reinterpret_cast<float*>(gbase + Sm::ROW_L);
+  const uint32_t bar0 = base + Sm::BARS, bar1 = base + Sm::BARS + 8;  // full barrier of K buffer 0 / 1
+
+  const int tid = threadIdx.x;
+  const int wg = tid / WG_THREADS;
+  const int tw = tid % WG_THREADS;
+  const int warp = tw / 32;
+  const int lane = tid % 32;
+  const int quad = lane % 4;
+  const int row_a = 16 * warp + lane / 4;  // this thread's rows of the tile: row_a and row_a + 8
+
+  const int m_block = blockIdx.x;
+  const int kv_head = blockIdx.y;
+  const int32_t* md = p.metadata + blockIdx.z * METADATA_WORDS;
+  const int begin_req = md[0], end_req = md[1];
+  if (begin_req > end_req) return;  // an empty part
+  const int first_block = md[2], last_end_block = md[3], first_split = md[4];
+
+  if (tid == 0) {
+    mbar_init(bar0, 1);
+    mbar_init(bar1, 1);
+    fence_mbar_init();
+    tma_prefetch_desc(tmap_k);
+  }
+  __syncthreads();
+
+  float c_log2 = p.scale_log2;  // logit scale in the log2 domain
+  float v_scale = 1.0f;         // dequantisation of V, folded into the final normalisation
+  if constexpr (Tr::FP8) {
+    const float dk = *p.descale_k;
+    c_log2 *= *p.descale_q * dk;
+    v_scale = dk;
+  }
+
+  const int tile_row0 = m_block * BLOCK_M;
+  const int rows_in_tile = min(BLOCK_M, p.q_seq_per_hk - tile_row0);
+  const uint32_t sq = base + Sm::Q;
+  const uint32_t sk0 = base + Sm::K0, sk1 = base + Sm::K1;
+  const uint32_t sp = base + Sm::P;
+  uint32_t phase = 0;  // bit b: parity of the next completion of K buffer b
+
+  for (int req = begin_req; req <= end_req; ++req) {
+    const int s_k = max(p.seqlens[req], 0);
+    int blk_begin = req == begin_req ? first_block : 0;
+    int blk_end = req == end_req ? last_end_block : (s_k + PAGE_TOKENS - 1) / PAGE_TOKENS;
+    const int split_base = p.num_splits[req];
+    const bool is_split = p.num_splits[req + 1] - split_base > 1;
+    const int split_row = split_base + (req == begin_req ? first_split : 0);
+
+    // Keys the tile's last row can see: pages past them are skipped (causal), and the block table is never read
+    // past max_blocks_per_seq.
+    int tile_limit = s_k;
+    if (p.causal) {
+      const int t_max = (tile_row0 + rows_in_tile - 1) / p.heads_per_kv;
+      tile_limit = min(s_k, max(0, s_k - p.s_q + t_max + 1));
+    }
+    blk_end = min(blk_end, min((tile_limit + PAGE_TOKENS - 1) / PAGE_TOKENS, p.max_blocks_per_seq));
+    const int nblk = max(0, blk_end - blk_begin);
+    const int32_t* bt = p.block_table + req * p.bt_stride_b;
+
+    if (tid == 0) {
+      if (nblk > 0) issue_page_load<KIND>(tmap_k, sk0, bar0, kv_head, bt[blk_begin]);
+      if (nblk > 1) issue_page_load<KIND>(tmap_k, sk1, bar1, kv_head, bt[blk_begin + 1]);
+    }
+    load_q_tile<KIND>(gbase + Sm::Q, p, req, kv_head, tile_row0);
+    fence_proxy_async();
+    __syncthreads();
+
+    // Keys visible to each of this thread's two rows (bottom-right causal: token t sees j <= s_k - s_q + t).
+    int limit[2];
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const int t = (tile_row0 + row_a + 8 * h) / p.heads_per_kv;
+      limit[h] = p.causal ? min(s_k, s_k - p.s_q + t + 1) : s_k;
+    }
+
+    float o[128];
+#pragma unroll
+    for (int i = 0; i < 128; ++i) o[i] = 0.0f;
+    float m_run[2] = {-INFINITY, -INFINITY};
+    float l_run[2] = {0.0f, 0.0f};
+
+    for (int i = 0; i < nblk; ++i) {
+      const int buf = i & 1;
+      const int blk = blk_begin + i;
+      const uint32_t bar_buf = buf ? bar1 : bar0;
+      const uint32_t sk_buf = buf ? sk1 : sk0;
+      mbar_wait(bar_buf, (phase >> buf) & 1);
+      phase ^= 1u << buf;
+      const int valid = min(PAGE_TOKENS, s_k - blk * PAGE_TOKENS);
+      uint8_t* gk = gbase + (buf ? Sm::K1 : Sm::K0);
+      const uint32_t sv = Tr::FP8 ? base + Sm::V : sk_buf;
+
+      uint32_t pa[4][4];
+      float row_scale[2];
+      if (wg == 0) {
+        float s[32];
+#pragma unroll
+        for (int j = 0; j < 32; ++j) s[j] = 0.0f;
+        gemm_qk<KIND>(s, sq, sk_buf);
+
+        // Accumulator element j: row row_a + 8·((j>>1)&1), column 8·(j>>2) + 2·quad + (j&1).
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+          float mx = -INFINITY;
+#pragma unroll
+          for (int jj = 0; jj < 8; ++jj) {
+#pragma unroll
+            for (int e = 0; e < 2; ++e) {
+              const int j = 4 * jj + 2 * h + e;
+              const int tok = blk * PAGE_TOKENS + 8 * jj + 2 * quad + e;
+              s[j] = tok < limit[h] ? s[j] * c_log2 : -INFINITY;  // select: NaN past the end never leaks
+              mx = fmaxf(mx, s[j]);
+            }
+          }
+          mx = fmaxf(mx, __shfl_xor_sync(0xffffffff, mx, 1));
+          mx = fmaxf(mx, __shfl_xor_sync(0xffffffff, mx, 2));
+          const float m_new = fmaxf(m_run[h], mx);
+          const float m_use = m_new == -INFINITY ? 0.0f : m_new;  // a row that saw nothing yet stays at 0
+          row_scale[h] = exp2_approx(m_run[h] - m_use);
+          m_run[h] = m_new;
+          float sum = 0.0f;
+#pragma unroll
+          for (int jj = 0; jj < 8; ++jj) {
+#pragma unroll
+            for (int e = 0; e < 2; ++e) {
+              const int j = 4 * jj + 2 * h + e;
+              s[j] = exp2_approx(s[j] - m_use);
+              sum += s[j];
+            }
+          }
+          l_run[h] = l_run[h] * row_scale[h] + sum;
+        }
+        // The accumulator of k-step kk is exactly the A fragment of P for tokens 16kk..16kk+15.
+        uint8_t* gp = gbase + Sm::P;
+#pragma unroll
+        for (int kk = 0; kk < 4; ++kk) {
+#pragma unroll
+          for (int q = 0; q < 4; ++q) {
+            pa[kk][q] = pack_p<KIND>(s[8 * kk + 2 * q], s[8 * kk + 2 * q + 1]);
+            const int row = row_a + 8 * (q & 1);
+            const int col = 16 * kk + 8 * (q >> 1) + 2 * quad;
+            *reinterpret_cast<uint32_t*>(gp + swz128(row, col / 8) + (col % 8) * 2) = pa[kk][q];
+          }
+        }
+        if (quad == 0) {
+          s_scale[row_a] = row_scale[0];
+          s_scale[row_a + 8] = row_scale[1];
+        }
+        if constexpr (!Tr::FP8) {
+          if (valid < PAGE_TOKENS) zero_v_tail(gk, valid, tw);
+        }
+        fence_proxy_async();
+      } else {
+        if constexpr (Tr::FP8) {
+          convert_v_e4m3(gk, gbase + Sm::V, valid, tw);
+          fence_proxy_async();
+        }
+      }
+      named_barrier_sync(BAR_P_READY, NUM_THREADS);
+
+      if (wg == 0) {
+#pragma unroll
+        for (int j = 0; j < 128; ++j) o[j] *= row_scale[(j >> 1) & 1];
+        gemm_pv_rs<KIND>(o, pa, sv);
+      } else {
+        const float sc0 = s_scale[row_a], sc1 = s_scale[row_a + 8];
+#pragma unroll
+        for (int j = 0; j < 128; ++j) o[j] *= ((j >> 1) & 1) ? sc1 : sc0;
+        gemm_pv_ss<KIND>(o, sp, sv + V_HALF_BYTES);
+      }
+      __syncthreads();  // both warpgroups are done with sK[buf], sP, sV and s_scale
+      if (tid == 0 && i + 2 < nblk) issue_page_load<KIND>(tmap_k, sk_buf, bar_buf, kv_head, bt[blk + 2]);
+    }
+
+    // Epilogue: WG0 owns the softmax statistics; both warpgroups write their 256 columns.
+    if (wg == 0) {
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        float l = l_run[h];
+        l += __shfl_xor_sync(0xffffffff, l, 1);
+        l += __shfl_xor_sync(0xffffffff, l, 2);
+        if (quad == 0) {
+          s_row_m[row_a + 8 * h] = m_run[h];
+          s_row_l[row_a + 8 * h] = l;
+        }
+      }
+    }
+    __syncthreads();
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const int row = row_a + 8 * h;
+      const int rg = tile_row0 + row;
+      if (rg >= p.q_seq_per_hk) continue;
+      const float m = s_row_m[row];
+      const float l = s_row_l[row];
+      const bool empty = !(l > 0.0f);  // nothing seen (or an underflowed / NaN sum)
+      const float inv = empty ? 0.0f : v_scale / l;
+      const int col0 = wg * V_HALF_COLS + 2 * quad;
+      if (!is_split) {
+        const int t = rg / p.heads_per_kv;
+        const int head = kv_head * p.heads_per_kv + rg % p.heads_per_kv;
+        Out* orow = static_cast<Out*>(p.out) + req * p.o_stride_b + t * p.o_stride_t + head * p.o_stride_h;
+#pragma unroll
+        for (int jj = 0; jj < 32; ++jj) {
+          const float a = o[4 * jj + 2 * h] * inv, b = o[4 * jj + 2 * h + 1] * inv;
+          const uint32_t packed = Tr::OUT_F16 ? pack_f16x2(a, b) : pack_bf16x2(a, b);
+          *reinterpret_cast<uint32_t*>(orow + col0 + 8 * jj) = packed;
+        }
+        if (wg == 0 && quad == 0) {
+          p.lse[req * p.lse_stride_b + head * p.lse_stride_h + t * p.lse_stride_t] =
+              empty ? INFINITY : (m + log2f(l)) * LN2;
+        }
+      } else {
+        const int64_t prow = (static_cast<int64_t>(split_row) * p.h_kv + kv_head) * p.q_seq_per_hk + rg;
+        float* orow = p.o_accum + prow * HEAD_DIM_V;
+#pragma unroll
+        for (int jj = 0; jj < 32; ++jj) {
+          *reinterpret_cast<float2*>(orow + col0 + 8 * jj) =
+              make_float2(o[4 * jj + 2 * h] * inv, o[4 * jj + 2 * h + 1] * inv);
+        }
+        if (wg == 0 && quad == 0) p.lse_accum[prow] = empty ? -INFINITY : m + log2f(l);
+      }
+    }
+    __syncthreads();  // s_row_m / s_row_l and sQ are reused by the next request
+  }
+}
+
+}  // namespace mla
+
+extern "C" __global__ void __launch_bounds__(mla::NUM_THREADS, 1)
+    mla_splitkv_bf16(const __grid_constant__ CUtensorMap tmap_k, const __grid_constant__ mla::DecodeParams p) {
+  mla::splitkv_body<mla::KIND_BF16>(&tmap_k, p);
+}
+
+extern "C" __global__ void __launch_bounds__(mla::NUM_THREADS, 1)
+    mla_splitkv_f16(const __grid_constant__ CUtensorMap tmap_k, const __grid_constant__ mla::DecodeParams p) {
+  mla::splitkv_body<mla::KIND_F16>(&tmap_k, p);
+}
+
+extern "C" __global__ void __launch_bounds__(mla::NUM_THREADS, 1)
+    mla_splitkv_e4m3(const __grid_constant__ CUtensorMap tmap_k, const __grid_constant__ mla::DecodeParams p) {
+  mla::splitkv_body<mla::KIND_E4M3>(&tmap_k, p);
+}
