@@ -1,11 +1,20 @@
 """Marks the wheel as platform-specific: it bundles libflashmla.so, but no CPython extension, so the tag is
-py3-none-<platform> (e.g. py3-none-linux_x86_64). Everything else is in pyproject.toml."""
+py3-none-<platform> (e.g. py3-none-linux_x86_64) and the files install into platlib. Everything else is in
+pyproject.toml."""
 
 import os
 import sysconfig
 
 from setuptools import setup
 from setuptools.command.bdist_wheel import bdist_wheel
+from setuptools.dist import Distribution
+
+
+class BinaryDistribution(Distribution):
+    """A distribution that carries a native library (so setuptools never treats it as pure Python)."""
+
+    def has_ext_modules(self):
+        return True
 
 
 class PlatformWheel(bdist_wheel):
@@ -19,6 +28,6 @@ class PlatformWheel(bdist_wheel):
 
 
 if not os.path.exists(os.path.join(os.path.dirname(os.path.abspath(__file__)), "flashmla", "libflashmla.so")):
-    raise SystemExit("python/flashmla/libflashmla.so is missing: build the wheel with scripts/build-wheel.sh")
+    raise SystemExit("flashmla/libflashmla.so is missing: build the wheel with scripts/build-wheel.sh")
 
-setup(cmdclass={"bdist_wheel": PlatformWheel})
+setup(distclass=BinaryDistribution, cmdclass={"bdist_wheel": PlatformWheel})

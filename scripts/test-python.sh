@@ -3,7 +3,8 @@
 #
 #   1. a virtualenv under $CARGO_TARGET_DIR/python-test/ (default target/, git-ignored) with pinned numpy,
 #      ml-dtypes and pytest (python3 -m venv; falls back to virtualenv where Debian lacks python3-venv)
-#   2. the wheel, built by scripts/build-wheel.sh and pip-installed into that virtualenv
+#   2. the wheel, built by scripts/build-wheel.sh and pip-installed into that virtualenv; also installed alone into
+#      a clean virtualenv (no NumPy, no torch) where it must import and open the CPU backend
 #   3. pytest over python/tests against the *installed* wheel: the NumPy tests on the CPU backend always run;
 #      the PyTorch/CUDA tests skip with a printed reason where torch or a GPU is missing
 #      (FLASHMLA_REQUIRE_GPU=1 turns those skips into failures)
@@ -42,6 +43,21 @@ WHEEL_DIR="$WORK/wheel"
 PYTHON="$VENV/bin/python" bash scripts/build-wheel.sh "$WHEEL_DIR"
 "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check --force-reinstall --no-deps \
     "$WHEEL_DIR"/flashmla-*.whl
+
+echo "== test-python: the wheel alone in a clean virtualenv (no NumPy, no torch)"
+CLEAN="$WORK/clean-venv"
+rm -rf "$CLEAN"
+if "$PY" -m venv "$CLEAN" >/dev/null 2>&1; then
+    "$CLEAN/bin/python" -m pip install --quiet --disable-pip-version-check --no-index "$WHEEL_DIR"/flashmla-*.whl
+    (cd "$WORK" && "$CLEAN/bin/python" -c '
+import sys, flashmla
+assert "numpy" not in sys.modules and "torch" not in sys.modules
+info = flashmla.backend_info("cpu")
+print("clean install:", flashmla.__file__, "library", flashmla.library_version(), "cpu backend:", info["device_name"])
+')
+else
+    echo "test-python: python3 -m venv unavailable; clean-install check skipped (the test virtualenv installs the wheel)"
+fi
 
 echo "== test-python: pytest"
 # Run from outside python/ so that `import flashmla` finds the installed wheel, never the source tree; the tests

@@ -86,14 +86,18 @@ def make_case(
     causal: bool = False,
     softmax_scale: Optional[float] = None,
     extra_pages: int = 3,
+    num_blocks: Optional[int] = None,
+    max_pages: Optional[int] = None,
 ) -> Case:
     """Random inputs like upstream's tests: clamp(randn/10, ±1), a permuted block table with UNUSED_PAGE in
-    unused entries, NaN in every cache row past a request's length (and in pages nobody uses)."""
+    unused entries, NaN in every cache row past a request's length (and in pages nobody uses). ``num_blocks`` and
+    ``max_pages`` fix the cache and block-table shapes (for CUDA-graph replays with new data)."""
     seqlens = np.asarray(seqlens, dtype=np.int32)
     assert seqlens.shape == (b,)
     pages_per_req = [-(-int(s) // page) for s in seqlens]
-    max_pages = max(max(pages_per_req), 1)
-    num_blocks = sum(pages_per_req) + extra_pages
+    max_pages = max(max(pages_per_req), 1) if max_pages is None else max_pages
+    num_blocks = sum(pages_per_req) + extra_pages if num_blocks is None else num_blocks
+    assert max(pages_per_req) <= max_pages and sum(pages_per_req) <= num_blocks
     perm = rng.permutation(num_blocks).astype(np.int32)
     block_table = np.full((b, max_pages), UNUSED_PAGE, dtype=np.int32)
     at = 0
