@@ -122,8 +122,8 @@ def get_mla_metadata(cache_seqlens: Any, num_heads_per_head_k: int, num_heads_k:
     q_seq_per_hk = _int_arg(func, "num_heads_per_head_k", num_heads_per_head_k)
     h_kv = _int_arg(func, "num_heads_k", num_heads_k)
     seqlens = describe(func, "cache_seqlens", cache_seqlens)
-    alloc = Allocator(func, seqlens)
     backend = _backend_for(func, seqlens)
+    alloc = Allocator(func, seqlens)
     parts = backend.num_sm_parts(q_seq_per_hk, h_kv)
     batch = seqlens.shape[0] if len(seqlens.shape) == 1 else 0
     meta = alloc.empty("tile_scheduler_metadata", (parts, _lib.METADATA_WORDS), _lib.DTYPE_I32)
@@ -199,8 +199,8 @@ def flash_mla_with_kvcache(
     dq = None if descale_q is None else describe(func, "descale_q", descale_q)
     dk = None if descale_k is None else describe(func, "descale_k", descale_k)
 
-    alloc = Allocator(func, qa)
     backend = _backend_for(func, qa)
+    alloc = Allocator(func, qa)
 
     # Output shapes come from q; a q the library will reject gets empty outputs, so that the library's own message
     # (which checks q before out) reaches the caller.

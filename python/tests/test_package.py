@@ -1,5 +1,6 @@
 """The installed package: where it comes from, the bundled library, backends."""
 
+import ctypes
 import os
 import pathlib
 
@@ -51,3 +52,49 @@ def test_gpu_backend_opens_or_says_why():
 def test_bad_backend_device_string():
     with pytest.raises(ValueError, match="device"):
         flashmla.backend_info("tpu")
+
+
+class FakeCudaTensor:
+    """A DLPack producer that claims to live on cuda:0 (an int32 vector; the memory is never touched)."""
+
+    def __init__(self, n=4):
+        from flashmla import _dlpack
+
+        self.shape = (ctypes.c_int64 * 1)(n)
+        self.managed = _dlpack.DLManagedTensor()
+        t = self.managed.dl_tensor
+        t.data = 0x1000
+        t.device.device_type = _dlpack.KDL_CUDA
+        t.device.device_id = 0
+        t.ndim = 1
+        t.dtype.code, t.dtype.bits, t.dtype.lanes = _dlpack.KDL_INT, 32, 1
+        t.shape = self.shape
+        t.strides = None
+
+    def __dlpack__(self, stream=None):
+        new = ctypes.pythonapi.PyCapsule_New
+        new.restype = ctypes.py_object
+        new.argtypes = [ctypes.c_void_p, ctypes.c_char_p, ctypes.c_void_p]
+        return new(ctypes.addressof(self.managed), b"dltensor", None)  # no destructor: nothing to free
+
+    def __dlpack_device__(self):
+        return (2, 0)
+
+
+def test_cuda_inputs_without_a_usable_gpu_say_why():
+    fake = FakeCudaTensor()
+    try:
+        hopper_opens = flashmla.backend_info("cuda:0")["backend"] == "hopper"
+    except flashmla.BackendUnavailableError:
+        hopper_opens = False
+    if hopper_opens:
+        # Outputs are allocated with q's framework, so a non-torch CUDA array is refused by name.
+        with pytest.raises(ValueError, match="torch.Tensor for CUDA inputs"):
+            flashmla.get_mla_metadata(fake, 16, 1)
+        return
+    with pytest.raises(flashmla.BackendUnavailableError) as info:
+        flashmla.get_mla_metadata(fake, 16, 1)
+    msg = str(info.value)
+    assert msg.startswith("get_mla_metadata: CUDA tensors run on the `hopper` backend"), msg
+    assert "cannot run on cuda:0: flashmla_backend_open: backend `hopper` is unavailable: " in msg, msg
+    assert info.value.status == "FLASHMLA_STATUS_UNAVAILABLE"
