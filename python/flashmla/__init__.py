@@ -27,6 +27,7 @@ Errors from the library are raised as :class:`FlashMLAValueError` (a ``ValueErro
 
 from __future__ import annotations
 
+import math
 import operator
 from typing import Any, Optional, Tuple
 
@@ -190,6 +191,13 @@ def flash_mla_with_kvcache(
     func = "flash_mla_with_kvcache"
     hint = _hint(func, dtype)
     head_dim_v = _int_arg(func, "head_dim_v", head_dim_v)
+    if softmax_scale is not None:
+        try:
+            softmax_scale = float(softmax_scale)
+        except (TypeError, ValueError):
+            raise invalid(func, "softmax_scale", "None or a float", repr(softmax_scale)) from None
+        if not math.isfinite(softmax_scale):  # NaN would mean "default" to the C ABI
+            raise invalid(func, "softmax_scale", "a finite value > 0", repr(softmax_scale))
     qa = describe(func, "q", q, hint)
     ka = describe(func, "k_cache", k_cache, hint)
     bt = describe(func, "block_table", block_table)

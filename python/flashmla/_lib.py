@@ -9,6 +9,7 @@ from __future__ import annotations
 import ctypes
 import math
 import os
+import struct
 import threading
 from typing import Dict, Optional, Tuple
 
@@ -73,6 +74,23 @@ class FlashmlaTensor(ctypes.Structure):
         ("shape", ctypes.c_int64 * MAX_NDIM),
         ("strides", ctypes.c_int64 * MAX_NDIM),
     ]
+
+
+_TENSOR_PACK = struct.Struct(f"@Piiii{MAX_NDIM}q{MAX_NDIM}q")
+assert _TENSOR_PACK.size == ctypes.sizeof(FlashmlaTensor)
+_ZEROS = (0,) * MAX_NDIM
+
+
+def make_tensor(data: int, device_type: int, device_id: int, dtype: int, shape, strides) -> FlashmlaTensor:
+    """A ``flashmla_tensor``. More than ``MAX_NDIM`` dims keep their true ``ndim`` (the library rejects it by name)
+    and only the first ``MAX_NDIM`` extents; one ``struct.pack`` is much faster than setting fields one by one."""
+    ndim = len(shape)
+    if ndim <= MAX_NDIM:
+        pad = _ZEROS[: MAX_NDIM - ndim]
+        sh, st = tuple(shape) + pad, tuple(strides) + pad
+    else:
+        sh, st = tuple(shape[:MAX_NDIM]), tuple(strides[:MAX_NDIM])
+    return FlashmlaTensor.from_buffer_copy(_TENSOR_PACK.pack(data, device_type, device_id, dtype, ndim, *sh, *st))
 
 
 class FlashmlaCapabilities(ctypes.Structure):

@@ -134,26 +134,34 @@ def _torch_dtype_code(t: Any, hint: Optional[int]) -> Tuple[Optional[int], str, 
     return None, REPR_NATIVE, t
 
 
+# NumPy dtype name -> (element type, representation, integer view to export or None). ml_dtypes registers
+# "bfloat16" and "float8_e4m3fn"; matching by name keeps ml_dtypes optional (and is faster than dtype equality).
+_NUMPY_TYPES = {
+    "float16": (_lib.DTYPE_FP16, REPR_NATIVE, None),
+    "float32": (_lib.DTYPE_F32, REPR_NATIVE, None),
+    "int32": (_lib.DTYPE_I32, REPR_NATIVE, None),
+    "bfloat16": (_lib.DTYPE_BF16, REPR_NATIVE, "uint16"),
+    "float8_e4m3fn": (_lib.DTYPE_E4M3, REPR_NATIVE, "uint8"),
+}
+_NUMPY_BITS = {
+    _lib.DTYPE_BF16: ("uint16", "int16"),
+    _lib.DTYPE_FP16: ("uint16", "int16"),
+    _lib.DTYPE_E4M3: ("uint8", "int8"),
+}
+
+
 def _numpy_dtype_code(a: Any, hint: Optional[int]) -> Tuple[Optional[int], str, Any]:
     """(element type, representation, array to export) of a NumPy array."""
-    np = _numpy()
     dt = a.dtype
-    if dt == np.float16:
-        return _lib.DTYPE_FP16, REPR_NATIVE, a
-    if dt == np.float32:
-        return _lib.DTYPE_F32, REPR_NATIVE, a
-    if dt == np.int32:
-        return _lib.DTYPE_I32, REPR_NATIVE, a
-    # ml_dtypes registers these names; compare by name so that ml_dtypes stays optional.
-    if dt.name == "bfloat16" and dt.itemsize == 2:
-        return _lib.DTYPE_BF16, REPR_NATIVE, a.view(np.uint16)
-    if dt.name == "float8_e4m3fn" and dt.itemsize == 1:
-        return _lib.DTYPE_E4M3, REPR_NATIVE, a.view(np.uint8)
-    if hint is not None:
-        if (hint in (_lib.DTYPE_BF16, _lib.DTYPE_FP16) and dt in (np.uint16, np.int16)) or (
-            hint == _lib.DTYPE_E4M3 and dt in (np.uint8, np.int8)
-        ):
-            return hint, REPR_BITS, a
+    name = dt.name
+    if not dt.isnative:
+        return None, REPR_NATIVE, a  # byte-swapped data cannot be handed to the library
+    known = _NUMPY_TYPES.get(name)
+    if known is not None:
+        code, rep, view = known
+        return code, rep, a if view is None else a.view(view)
+    if hint is not None and name in _NUMPY_BITS.get(hint, ()):
+        return hint, REPR_BITS, a
     return None, REPR_NATIVE, a
 
 
@@ -255,15 +263,7 @@ def describe(func: str, name: str, obj: Any, hint: Optional[int] = None) -> Arg:
             f"(code {b.dtype_code}, bits {b.dtype_bits}, lanes {b.dtype_lanes})",
         )
 
-    d = _lib.FlashmlaTensor()
-    d.data = b.data or None
-    d.device_type = b.device_type
-    d.device_id = b.device_id
-    d.dtype = code
-    d.ndim = b.ndim  # more than MAX_NDIM dims is reported by the library from this field
-    for i in range(min(b.ndim, _lib.MAX_NDIM)):
-        d.shape[i] = b.shape[i]
-        d.strides[i] = b.strides[i]
+    d = _lib.make_tensor(b.data, b.device_type, b.device_id, code, b.shape, b.strides)
     return Arg(
         name=name,
         desc=d,

@@ -69,6 +69,7 @@ def test_sanity_the_fixture_call_succeeds(case):
         (lambda c: dict(tile_scheduler_metadata=np.zeros((1000, 8), np.int32)), "tile_scheduler_metadata.shape[0]"),
         (lambda c: dict(tile_scheduler_metadata=np.zeros(8, np.int32)), "tile_scheduler_metadata.ndim"),
         (lambda c: dict(num_splits=np.zeros(7, np.int32)), "num_splits.shape[0]"),
+        (lambda c: dict(softmax_scale=-1.0), "softmax_scale"),
     ],
 )
 def test_library_rejects(case, mutate, arg):
@@ -112,6 +113,7 @@ def test_heads_must_divide(rng):
         (lambda c: dict(q=c.q.view(np.uint16)), "q.dtype"),  # raw bits without dtype=
         (lambda c: dict(head_dim_v="512"), "head_dim_v"),
         (lambda c: dict(dtype="int4"), "dtype"),
+        (lambda c: dict(softmax_scale=float("nan")), "softmax_scale"),
     ],
 )
 def test_python_side_rejects_in_the_same_format(case, mutate, arg):
