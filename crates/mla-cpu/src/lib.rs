@@ -1,30 +1,115 @@
-//! CPU reference backend. Interface fixed here; the numerics land under issue 3.
+//! # mla-cpu
+//!
+//! The CPU reference backend of flashmla-rs: exact (f32 accumulation on the exactly widened inputs, no rounding of
+//! intermediate probabilities), deterministic, and fast enough to be useful (rayon across work units, runtime
+//! dispatched AVX2+FMA+F16C, K/V widened in registers).
+//!
+//! | step | where | what |
+//! |---|---|---|
+//! | validate | [`mla_core::validate_decode`], `prepare` | every descriptor, length, page id, metadata row, workspace size: all before any write |
+//! | schedule | the caller's `tile_scheduler_metadata` + `num_splits` (from [`MlaBackend::get_mla_metadata`]) | expanded by [`mla_core::scheduler::part_work`] into work items |
+//! | attend | `kernel` | one rayon task per (work item, KV head): online softmax over 64-token blocks |
+//! | combine | `kernel` | one rayon task per (split request, KV head): LSE merge of the workspace partials |
+//!
+//! ## Determinism
+//!
+//! The metadata uses a fixed part count ([`SCHEDULER_PARTS`], not the thread count), every unit runs sequentially
+//! in a fixed order, and the scalar and SIMD inner loops share one logical accumulation order (`simd` module docs).
+//! Results are therefore bitwise identical for any thread count and instruction set.
+
+mod kernel;
+mod prepare;
+mod simd;
+
+use std::sync::Arc;
+
+pub use simd::Isa;
 
 use mla_core::{
     Capabilities, DType, DecodeArgs, Device, Error, MetadataArgs, MlaBackend, PageSizes, Result, Stream, Workspace,
 };
 
+/// The `sm_count` the CPU backend reports: the scheduler's parallelism. Fixed (not the thread count) so that the
+/// metadata, and therefore every result bit, is the same on every machine and thread pool; 32 parts keep up to
+/// 32 threads busy even for a batch of one.
+pub const SCHEDULER_PARTS: usize = 32;
+
+/// Construction options of [`CpuBackend`].
+#[derive(Clone, Copy, Debug, Default)]
+pub struct CpuOptions {
+    /// Worker threads (`None`: rayon's global pool).
+    pub threads: Option<usize>,
+    /// Instruction set (`None`: the best this CPU supports).
+    pub isa: Option<Isa>,
+}
+
 /// The CPU backend.
 pub struct CpuBackend {
     caps: Capabilities,
+    isa: Isa,
+    pool: Option<Arc<rayon::ThreadPool>>,
+}
+
+fn cpu_model() -> Option<String> {
+    let info = std::fs::read_to_string("/proc/cpuinfo").ok()?;
+    let line = info.lines().find(|l| l.starts_with("model name"))?;
+    Some(line.split_once(':')?.1.trim().to_string())
 }
 
 impl CpuBackend {
-    /// A backend using rayon's global thread pool.
+    /// A backend using rayon's global thread pool and the best instruction set of this CPU.
     pub fn new() -> Self {
-        let threads = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
-        CpuBackend {
+        Self::with_options(CpuOptions::default()).expect("default CPU options are always valid")
+    }
+
+    /// A backend with its own pool of `threads` workers.
+    pub fn with_threads(threads: usize) -> Result<Self> {
+        Self::with_options(CpuOptions { threads: Some(threads), isa: None })
+    }
+
+    /// A backend with explicit options; errors if the instruction set is unavailable or the pool cannot start.
+    pub fn with_options(opts: CpuOptions) -> Result<Self> {
+        let isa = opts.isa.unwrap_or_else(Isa::detect);
+        if !isa.is_available() {
+            return Err(Error::Unsupported { backend: "cpu".into(), reason: format!("this CPU lacks {}", isa.name()) });
+        }
+        let pool = match opts.threads {
+            None => None,
+            Some(0) => return Err(Error::invalid("threads", ">= 1", 0)),
+            Some(n) => Some(Arc::new(
+                rayon::ThreadPoolBuilder::new()
+                    .num_threads(n)
+                    .thread_name(|i| format!("mla-cpu-{i}"))
+                    .build()
+                    .map_err(|e| Error::backend("cpu", format!("cannot start {n} threads: {e}")))?,
+            )),
+        };
+        let threads = pool.as_ref().map_or_else(rayon::current_num_threads, |p| p.current_num_threads());
+        let model = cpu_model().unwrap_or_else(|| std::env::consts::ARCH.to_string());
+        Ok(CpuBackend {
             caps: Capabilities {
                 backend: "cpu",
                 device: Device::Host,
-                device_name: "host CPU".into(),
-                sm_count: threads,
+                device_name: format!("{model} ({threads} threads, {})", isa.name()),
+                sm_count: SCHEDULER_PARTS,
                 compute_capability: None,
                 dtypes: DType::ALL.to_vec(),
                 head_dims: vec![Capabilities::MLA_HEAD_DIMS],
                 page_sizes: PageSizes::Any,
             },
-        }
+            isa,
+            pool,
+        })
+    }
+
+    /// The instruction set the kernels use.
+    pub fn isa(&self) -> Isa {
+        self.isa
+    }
+
+    /// Worker threads used by [`MlaBackend::decode`].
+    pub fn threads(&self) -> usize {
+        self.pool.as_ref().map_or_else(rayon::current_num_threads, |p| p.current_num_threads())
     }
 }
 
@@ -59,8 +144,16 @@ impl MlaBackend for CpuBackend {
         plan.write_into(meta, splits)
     }
 
-    fn decode(&self, args: &DecodeArgs, _workspace: Workspace, _stream: Stream) -> Result<()> {
-        mla_core::validate_decode(args, &self.caps)?;
-        Err(Error::backend("cpu", "not implemented yet"))
+    /// Synchronous: returns when `out` and `lse` are written. On any error nothing has been written.
+    fn decode(&self, args: &DecodeArgs, workspace: Workspace, _stream: Stream) -> Result<()> {
+        let prob = mla_core::validate_decode(args, &self.caps)?;
+        let prep = prepare::prepare(args, &prob, workspace)?;
+        let ws = kernel::SharedPtr(workspace.ptr.cast::<u8>());
+        let run = || kernel::run(args, &prob, &prep, self.isa, ws);
+        match &self.pool {
+            Some(p) => p.install(run),
+            None => run(),
+        }
+        Ok(())
     }
 }

@@ -1,0 +1,488 @@
+//! The two inner loops of the decode, once in plain scalar code and once in AVX2+FMA(+F16C), with one logical
+//! arithmetic order so that both produce bitwise identical results.
+//!
+//! | loop | shape | logical order (identical in every path) |
+//! |---|---|---|
+//! | `qk` | `S[r, j] = q_r · k_j`, 576 long | 8 lane accumulators: `acc[l] = fma(q[8c+l], k[8c+l], acc[l])` for `c = 0..72` in order, then the tree `((a0+a4)+(a2+a6)) + ((a1+a5)+(a3+a7))` |
+//! | `pv` | `O[r, d] = O[r, d]·f_r + Σ_j P[r, j]·v_j[d]` | `O·f` first, then one `fma(P[r, j], v_j[d], ·)` per key `j`, in key order |
+//!
+//! Every product is a correctly rounded fused multiply-add (`f32::mul_add` in the scalar path, `vfmadd` in the
+//! vector path), so the two paths agree to the bit; the accumulation order depends on neither the thread count nor
+//! the instruction set.
+//!
+//! Cache elements are widened in registers, never copied: bf16 by a 16-bit shift, fp16 by `vcvtph2ps` (exact),
+//! e4m3 by moving the 7 magnitude bits into an f32 exponent/mantissa and multiplying by 2¹²⁰ (exact for normals and
+//! subnormals; the NaN code is patched), cross-checked against the [`mla_core::dtype::E4M3_TO_F32`] table.
+
+use mla_core::dtype::{E4M3_TO_F32, bf16_to_f32, f16_to_f32};
+use mla_core::{DType, HEAD_DIM_K, HEAD_DIM_V};
+
+/// Logical accumulator lanes of the 576-long dot products.
+pub const LANES: usize = 8;
+/// Row stride of the score / probability tile (one scheduler block of keys).
+pub const S_STRIDE: usize = mla_core::scheduler::BLOCK_SIZE_N;
+
+/// The instruction set the compute kernels run on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Isa {
+    /// Portable scalar code (the golden path; slow where the CPU lacks hardware FMA).
+    Scalar,
+    /// x86-64 AVX2 + FMA + F16C, 8 f32 lanes.
+    Avx2,
+}
+
+impl Isa {
+    /// The fastest instruction set this CPU supports (runtime detection; nothing is fixed at build time).
+    pub fn detect() -> Isa {
+        if Isa::Avx2.is_available() { Isa::Avx2 } else { Isa::Scalar }
+    }
+
+    /// Can this instruction set run on this CPU?
+    pub fn is_available(self) -> bool {
+        match self {
+            Isa::Scalar => true,
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx2 => {
+                // pulp's x86-64-v3 token covers AVX2, FMA, BMI and friends; F16C is not part of it.
+                pulp::x86::V3::is_available() && std::arch::is_x86_feature_detected!("f16c")
+            }
+            #[cfg(not(target_arch = "x86_64"))]
+            Isa::Avx2 => false,
+        }
+    }
+
+    /// Short name (`scalar`, `avx2`).
+    pub fn name(self) -> &'static str {
+        match self {
+            Isa::Scalar => "scalar",
+            Isa::Avx2 => "avx2+fma+f16c",
+        }
+    }
+}
+
+/// Element encodings, as const-generic tags so that each kernel is compiled once per dtype.
+pub(crate) const DT_BF16: u8 = 0;
+pub(crate) const DT_F16: u8 = 1;
+pub(crate) const DT_E4M3: u8 = 2;
+
+pub(crate) fn dt_tag(d: DType) -> u8 {
+    match d {
+        DType::Bf16 => DT_BF16,
+        DType::F16 => DT_F16,
+        DType::E4M3 => DT_E4M3,
+    }
+}
+
+const fn elt_bytes(dt: u8) -> usize {
+    if dt == DT_E4M3 { 1 } else { 2 }
+}
+
+/// Widens element `i` of a row (scalar path, exact).
+///
+/// # Safety
+/// `row` must point at a readable row of at least `i + 1` elements of encoding `DT`.
+#[inline(always)]
+pub(crate) unsafe fn widen1<const DT: u8>(row: *const u8, i: usize) -> f32 {
+    // SAFETY: the caller guarantees element `i` is readable; unaligned reads are used for 16-bit elements because
+    // a strided cache row need not be 2-byte aligned.
+    unsafe {
+        match DT {
+            DT_BF16 => bf16_to_f32(row.add(2 * i).cast::<u16>().read_unaligned()),
+            DT_F16 => f16_to_f32(row.add(2 * i).cast::<u16>().read_unaligned()),
+            _ => E4M3_TO_F32[row.add(i).read() as usize],
+        }
+    }
+}
+
+/// Widens a row of `out.len()` elements into f32 (used for the few query rows only).
+///
+/// # Safety
+/// `row` must point at `out.len()` readable elements of dtype `dt`.
+pub(crate) unsafe fn widen_row(dt: DType, row: *const u8, out: &mut [f32]) {
+    for (i, o) in out.iter_mut().enumerate() {
+        // SAFETY: i < out.len(), which the caller guarantees is readable.
+        *o = unsafe {
+            match dt {
+                DType::Bf16 => widen1::<DT_BF16>(row, i),
+                DType::F16 => widen1::<DT_F16>(row, i),
+                DType::E4M3 => widen1::<DT_E4M3>(row, i),
+            }
+        };
+    }
+}
+
+/// The fixed reduction tree of the 8 lane accumulators.
+#[inline(always)]
+fn tree8(a: [f32; LANES]) -> f32 {
+    let h = [a[0] + a[4], a[1] + a[5], a[2] + a[6], a[3] + a[7]];
+    let q = [h[0] + h[2], h[1] + h[3]];
+    q[0] + q[1]
+}
+
+/// Scores of one block: `s[r·S_STRIDE + j] = q_r · k_j` (unscaled) for `r < m`, `j < keys.len()`.
+///
+/// # Safety
+/// Every `keys[j]` points at a readable K row of 576 elements of dtype `dt`; `q.len() >= m·576`,
+/// `s.len() >= m·S_STRIDE`, `keys.len() <= S_STRIDE`.
+pub(crate) unsafe fn qk(isa: Isa, dt: DType, q: &[f32], m: usize, keys: &[*const u8], s: &mut [f32]) {
+    assert!(q.len() >= m * HEAD_DIM_K && s.len() >= m * S_STRIDE && keys.len() <= S_STRIDE);
+    match isa {
+        // SAFETY: forwarded from the caller.
+        Isa::Scalar => unsafe {
+            match dt_tag(dt) {
+                DT_BF16 => qk_scalar::<DT_BF16>(q, m, keys, s),
+                DT_F16 => qk_scalar::<DT_F16>(q, m, keys, s),
+                _ => qk_scalar::<DT_E4M3>(q, m, keys, s),
+            }
+        },
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: an `Isa::Avx2` value only reaches here from a backend that checked `Isa::is_available` (see
+        // `CpuBackend::with_options`); the pointer contract is forwarded from the caller.
+        Isa::Avx2 => unsafe { avx2::qk(dt, q, m, keys, s) },
+        #[cfg(not(target_arch = "x86_64"))]
+        Isa::Avx2 => unreachable!("AVX2 is never selected off x86-64"),
+    }
+}
+
+/// `o[r] = o[r]·factor[r] + Σ_j p[r·S_STRIDE + j]·v_j` for `r < m`, where `v_j` is the first 512 elements of
+/// `keys[j]`.
+///
+/// # Safety
+/// As [`qk`]; `o.len() >= m·512`, `factor.len() >= m`, `p.len() >= m·S_STRIDE`.
+pub(crate) unsafe fn pv(isa: Isa, dt: DType, p: &[f32], m: usize, keys: &[*const u8], factor: &[f32], o: &mut [f32]) {
+    assert!(o.len() >= m * HEAD_DIM_V && p.len() >= m * S_STRIDE && factor.len() >= m && keys.len() <= S_STRIDE);
+    match isa {
+        // SAFETY: forwarded from the caller.
+        Isa::Scalar => unsafe {
+            match dt_tag(dt) {
+                DT_BF16 => pv_scalar::<DT_BF16>(p, m, keys, factor, o),
+                DT_F16 => pv_scalar::<DT_F16>(p, m, keys, factor, o),
+                _ => pv_scalar::<DT_E4M3>(p, m, keys, factor, o),
+            }
+        },
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: as in `qk`.
+        Isa::Avx2 => unsafe { avx2::pv(dt, p, m, keys, factor, o) },
+        #[cfg(not(target_arch = "x86_64"))]
+        Isa::Avx2 => unreachable!("AVX2 is never selected off x86-64"),
+    }
+}
+
+/// # Safety
+/// See [`qk`].
+unsafe fn qk_scalar<const DT: u8>(q: &[f32], m: usize, keys: &[*const u8], s: &mut [f32]) {
+    for r in 0..m {
+        let qr = &q[r * HEAD_DIM_K..(r + 1) * HEAD_DIM_K];
+        for (j, &k) in keys.iter().enumerate() {
+            let mut acc = [0f32; LANES];
+            for c in 0..HEAD_DIM_K / LANES {
+                for (l, a) in acc.iter_mut().enumerate() {
+                    let i = c * LANES + l;
+                    // SAFETY: i < 576 and the caller guarantees 576 readable elements.
+                    let kv = unsafe { widen1::<DT>(k, i) };
+                    *a = qr[i].mul_add(kv, *a);
+                }
+            }
+            s[r * S_STRIDE + j] = tree8(acc);
+        }
+    }
+}
+
+/// # Safety
+/// See [`pv`].
+unsafe fn pv_scalar<const DT: u8>(p: &[f32], m: usize, keys: &[*const u8], factor: &[f32], o: &mut [f32]) {
+    for r in 0..m {
+        let or = &mut o[r * HEAD_DIM_V..(r + 1) * HEAD_DIM_V];
+        let f = factor[r];
+        or.iter_mut().for_each(|x| *x *= f);
+        for (j, &k) in keys.iter().enumerate() {
+            let pj = p[r * S_STRIDE + j];
+            for (d, x) in or.iter_mut().enumerate() {
+                // SAFETY: d < 512 < 576, readable by the caller's guarantee.
+                let v = unsafe { widen1::<DT>(k, d) };
+                *x = pj.mul_add(v, *x);
+            }
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod avx2 {
+    //! The AVX2 path. Register tiles: `qk` keeps 4 query rows × 3 keys of 8-lane accumulators (12 of the 16 ymm
+    //! registers), so each widened K chunk feeds 4 FMAs; `pv` keeps 4 rows × 16 output columns (8 registers) and
+    //! streams the block's V rows through them.
+
+    use std::arch::x86_64::*;
+
+    use super::{DT_BF16, DT_E4M3, DT_F16, HEAD_DIM_K, HEAD_DIM_V, LANES, S_STRIDE, dt_tag, elt_bytes};
+    use mla_core::DType;
+
+    const QK_ROWS: usize = 4;
+    const QK_KEYS: usize = 3;
+    const PV_ROWS: usize = 4;
+    const PV_COLS: usize = 16;
+
+    /// Eight elements starting at `p`, widened to f32.
+    ///
+    /// # Safety
+    /// `p` must point at 8 readable elements of encoding `DT`.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn widen8<const DT: u8>(p: *const u8) -> __m256 {
+        match DT {
+            DT_BF16 => {
+                // SAFETY: 16 readable bytes (8 × bf16); loadu has no alignment requirement.
+                let h = unsafe { _mm_loadu_si128(p.cast()) };
+                _mm256_castsi256_ps(_mm256_slli_epi32::<16>(_mm256_cvtepu16_epi32(h)))
+            }
+            DT_F16 => {
+                // SAFETY: 16 readable bytes (8 × fp16).
+                let h = unsafe { _mm_loadu_si128(p.cast()) };
+                _mm256_cvtph_ps(h)
+            }
+            _ => {
+                // SAFETY: 8 readable bytes (8 × e4m3); loadl reads exactly 8 bytes, unaligned.
+                let b = unsafe { _mm_loadl_epi64(p.cast()) };
+                let x = _mm256_cvtepu8_epi32(b);
+                let em = _mm256_and_si256(x, _mm256_set1_epi32(0x7F));
+                let sign = _mm256_slli_epi32::<24>(_mm256_and_si256(x, _mm256_set1_epi32(0x80)));
+                // E4M3 exponent bias 7, f32 bias 127: placing the 7 bits at bit 20 and scaling by 2^120 is exact.
+                let mag = _mm256_mul_ps(
+                    _mm256_castsi256_ps(_mm256_slli_epi32::<20>(em)),
+                    _mm256_set1_ps(f32::from_bits((127 + 120) << 23)),
+                );
+                let nan = _mm256_cmpeq_epi32(em, _mm256_set1_epi32(0x7F));
+                let bits = _mm256_or_si256(_mm256_or_si256(_mm256_castps_si256(mag), nan), sign);
+                _mm256_castsi256_ps(bits)
+            }
+        }
+    }
+
+    /// The fixed tree of [`super::tree8`], on a vector.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    fn hsum(v: __m256) -> f32 {
+        let h = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v)); // lanes l + (l+4)
+        let q = _mm_add_ps(h, _mm_movehl_ps(h, h)); // lanes 0: h0+h2, 1: h1+h3
+        _mm_cvtss_f32(_mm_add_ss(q, _mm_shuffle_ps::<0b01>(q, q))) // q0 + q1
+    }
+
+    /// `R × C` dot products of 576.
+    ///
+    /// # Safety
+    /// `q` points at `R` rows of 576 f32 (stride 576), every `keys[k]` at 576 readable elements, `s` at `R` rows of
+    /// at least `C` floats (stride `S_STRIDE`).
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn qk_tile<const DT: u8, const R: usize, const C: usize>(q: *const f32, keys: &[*const u8], s: *mut f32) {
+        let e = elt_bytes(DT);
+        let mut acc = [[_mm256_setzero_ps(); C]; R];
+        let mut kv = [_mm256_setzero_ps(); C];
+        for c in 0..HEAD_DIM_K / LANES {
+            for k in 0..C {
+                // SAFETY: c·8 + 8 <= 576 elements of key row k.
+                kv[k] = unsafe { widen8::<DT>(keys[k].add(c * LANES * e)) };
+            }
+            for (r, acc_r) in acc.iter_mut().enumerate() {
+                // SAFETY: row r < R of q has 576 floats.
+                let qv = unsafe { _mm256_loadu_ps(q.add(r * HEAD_DIM_K + c * LANES)) };
+                for k in 0..C {
+                    acc_r[k] = _mm256_fmadd_ps(qv, kv[k], acc_r[k]);
+                }
+            }
+        }
+        for (r, acc_r) in acc.iter().enumerate() {
+            for (k, a) in acc_r.iter().enumerate() {
+                // SAFETY: r < R rows, k < C columns of s.
+                unsafe { *s.add(r * S_STRIDE + k) = hsum(*a) };
+            }
+        }
+    }
+
+    /// # Safety
+    /// See [`super::qk`].
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn qk_dt<const DT: u8>(q: &[f32], m: usize, keys: &[*const u8], s: &mut [f32]) {
+        let n = keys.len();
+        let mut r0 = 0;
+        while r0 < m {
+            let rows = (m - r0).min(QK_ROWS);
+            let qp = q[r0 * HEAD_DIM_K..].as_ptr();
+            let mut j0 = 0;
+            while j0 < n {
+                let cols = (n - j0).min(QK_KEYS);
+                let sp = s[r0 * S_STRIDE + j0..].as_mut_ptr();
+                let kk = &keys[j0..j0 + cols];
+                // SAFETY: rows/cols bound the tile inside q, keys and s (asserted sizes in `super::qk`).
+                unsafe {
+                    match (rows, cols) {
+                        (4, 3) => qk_tile::<DT, 4, 3>(qp, kk, sp),
+                        (4, 2) => qk_tile::<DT, 4, 2>(qp, kk, sp),
+                        (4, 1) => qk_tile::<DT, 4, 1>(qp, kk, sp),
+                        (3, 3) => qk_tile::<DT, 3, 3>(qp, kk, sp),
+                        (3, 2) => qk_tile::<DT, 3, 2>(qp, kk, sp),
+                        (3, 1) => qk_tile::<DT, 3, 1>(qp, kk, sp),
+                        (2, 3) => qk_tile::<DT, 2, 3>(qp, kk, sp),
+                        (2, 2) => qk_tile::<DT, 2, 2>(qp, kk, sp),
+                        (2, 1) => qk_tile::<DT, 2, 1>(qp, kk, sp),
+                        (1, 3) => qk_tile::<DT, 1, 3>(qp, kk, sp),
+                        (1, 2) => qk_tile::<DT, 1, 2>(qp, kk, sp),
+                        _ => qk_tile::<DT, 1, 1>(qp, kk, sp),
+                    }
+                }
+                j0 += cols;
+            }
+            r0 += rows;
+        }
+    }
+
+    /// # Safety
+    /// The CPU supports AVX2, FMA and F16C; otherwise as [`super::qk`].
+    pub(super) unsafe fn qk(dt: DType, q: &[f32], m: usize, keys: &[*const u8], s: &mut [f32]) {
+        // SAFETY: CPU features and pointer contract from the caller.
+        unsafe {
+            match dt_tag(dt) {
+                DT_BF16 => qk_dt::<DT_BF16>(q, m, keys, s),
+                DT_F16 => qk_dt::<DT_F16>(q, m, keys, s),
+                _ => qk_dt::<DT_E4M3>(q, m, keys, s),
+            }
+        }
+    }
+
+    /// `R` output rows × 16 columns starting at column `d0`.
+    ///
+    /// # Safety
+    /// `o` points at `R` rows of 512 f32, `p` at `R` rows (stride `S_STRIDE`) of `keys.len()` floats, every key at
+    /// 512 readable elements, `f` at `R` floats.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn pv_tile<const DT: u8, const R: usize>(
+        p: *const f32,
+        keys: &[*const u8],
+        f: *const f32,
+        o: *mut f32,
+        d0: usize,
+    ) {
+        let e = elt_bytes(DT);
+        let mut acc = [[_mm256_setzero_ps(); 2]; R];
+        for (r, a) in acc.iter_mut().enumerate() {
+            // SAFETY: r < R rows of o and f; columns d0..d0+16 <= 512.
+            unsafe {
+                let fr = _mm256_set1_ps(*f.add(r));
+                a[0] = _mm256_mul_ps(_mm256_loadu_ps(o.add(r * HEAD_DIM_V + d0)), fr);
+                a[1] = _mm256_mul_ps(_mm256_loadu_ps(o.add(r * HEAD_DIM_V + d0 + 8)), fr);
+            }
+        }
+        for (j, &k) in keys.iter().enumerate() {
+            // SAFETY: columns d0..d0+16 of a V row of 512.
+            let (v0, v1) = unsafe { (widen8::<DT>(k.add(d0 * e)), widen8::<DT>(k.add((d0 + 8) * e))) };
+            for (r, a) in acc.iter_mut().enumerate() {
+                // SAFETY: p has R rows of at least keys.len() floats.
+                let pr = unsafe { _mm256_broadcast_ss(&*p.add(r * S_STRIDE + j)) };
+                a[0] = _mm256_fmadd_ps(pr, v0, a[0]);
+                a[1] = _mm256_fmadd_ps(pr, v1, a[1]);
+            }
+        }
+        for (r, a) in acc.iter().enumerate() {
+            // SAFETY: as for the loads above.
+            unsafe {
+                _mm256_storeu_ps(o.add(r * HEAD_DIM_V + d0), a[0]);
+                _mm256_storeu_ps(o.add(r * HEAD_DIM_V + d0 + 8), a[1]);
+            }
+        }
+    }
+
+    /// # Safety
+    /// See [`super::pv`].
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn pv_dt<const DT: u8>(p: &[f32], m: usize, keys: &[*const u8], factor: &[f32], o: &mut [f32]) {
+        let mut r0 = 0;
+        while r0 < m {
+            let rows = (m - r0).min(PV_ROWS);
+            let pp = p[r0 * S_STRIDE..].as_ptr();
+            let fp = factor[r0..].as_ptr();
+            let op = o[r0 * HEAD_DIM_V..].as_mut_ptr();
+            for d0 in (0..HEAD_DIM_V).step_by(PV_COLS) {
+                // SAFETY: rows bound the tile inside p, factor and o (asserted sizes in `super::pv`).
+                unsafe {
+                    match rows {
+                        4 => pv_tile::<DT, 4>(pp, keys, fp, op, d0),
+                        3 => pv_tile::<DT, 3>(pp, keys, fp, op, d0),
+                        2 => pv_tile::<DT, 2>(pp, keys, fp, op, d0),
+                        _ => pv_tile::<DT, 1>(pp, keys, fp, op, d0),
+                    }
+                }
+            }
+            r0 += rows;
+        }
+    }
+
+    /// # Safety
+    /// The CPU supports AVX2, FMA and F16C; otherwise as [`super::pv`].
+    pub(super) unsafe fn pv(dt: DType, p: &[f32], m: usize, keys: &[*const u8], factor: &[f32], o: &mut [f32]) {
+        // SAFETY: CPU features and pointer contract from the caller.
+        unsafe {
+            match dt_tag(dt) {
+                DT_BF16 => pv_dt::<DT_BF16>(p, m, keys, factor, o),
+                DT_F16 => pv_dt::<DT_F16>(p, m, keys, factor, o),
+                _ => pv_dt::<DT_E4M3>(p, m, keys, factor, o),
+            }
+        }
+    }
+
+    #[cfg(test)]
+    mod tests {
+        use super::*;
+
+        #[test]
+        fn e4m3_widening_matches_the_table_for_every_code() {
+            if !super::super::Isa::Avx2.is_available() {
+                return;
+            }
+            let codes: Vec<u8> = (0..=255u8).collect();
+            for chunk in codes.chunks_exact(8) {
+                let mut got = [0f32; 8];
+                // SAFETY: AVX2 is available (checked above); `chunk` holds 8 bytes; `got` holds 8 floats.
+                unsafe { _mm256_storeu_ps(got.as_mut_ptr(), widen8::<DT_E4M3>(chunk.as_ptr())) };
+                for (g, &c) in got.iter().zip(chunk) {
+                    let want = mla_core::dtype::E4M3_TO_F32[c as usize];
+                    assert!(g.to_bits() == want.to_bits() || (g.is_nan() && want.is_nan()), "code {c:#04x}: {g}");
+                }
+            }
+        }
+
+        #[test]
+        fn sixteen_bit_widening_is_exact() {
+            if !super::super::Isa::Avx2.is_available() {
+                return;
+            }
+            for base in (0..=u16::MAX as u32).step_by(8) {
+                let bits: Vec<u16> = (base..base + 8).map(|x| x as u16).collect();
+                let (mut b, mut h) = ([0f32; 8], [0f32; 8]);
+                // SAFETY: AVX2/F16C available; 8 u16 readable; 8 floats writable.
+                unsafe {
+                    _mm256_storeu_ps(b.as_mut_ptr(), widen8::<DT_BF16>(bits.as_ptr().cast()));
+                    _mm256_storeu_ps(h.as_mut_ptr(), widen8::<DT_F16>(bits.as_ptr().cast()));
+                }
+                for i in 0..8 {
+                    let wb = mla_core::dtype::bf16_to_f32(bits[i]);
+                    let wh = mla_core::dtype::f16_to_f32(bits[i]);
+                    assert!(b[i].to_bits() == wb.to_bits() || (b[i].is_nan() && wb.is_nan()), "bf16 {:#x}", bits[i]);
+                    assert!(h[i].to_bits() == wh.to_bits() || (h[i].is_nan() && wh.is_nan()), "f16 {:#x}", bits[i]);
+                }
+            }
+        }
+
+        #[test]
+        fn hsum_uses_the_scalar_tree() {
+            if !super::super::Isa::Avx2.is_available() {
+                return;
+            }
+            // Values whose sum depends on the association order.
+            let a = [1e8f32, 1.0, -1e8, 3.5, 0.25, 1e-3, 7.0, -2.0];
+            // SAFETY: AVX2 available; 8 readable floats.
+            let got = unsafe { hsum(_mm256_loadu_ps(a.as_ptr())) };
+            assert_eq!(got.to_bits(), super::super::tree8(a).to_bits());
+        }
+    }
+}
