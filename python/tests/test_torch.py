@@ -36,7 +36,8 @@ def cuda_or_skip():
 def device(request):
     if request.param == "cuda":
         cuda_or_skip()
-    return torch.device(request.param)
+        return torch.device("cuda", torch.cuda.current_device())  # with its index, as tensors report it
+    return torch.device("cpu")
 
 
 def to_torch(a, device):
