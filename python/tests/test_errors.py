@@ -5,8 +5,9 @@ import numpy as np
 import pytest
 
 import flashmla
+from conftest import FakeCudaTensor
 from flashmla import flash_mla_with_kvcache, get_mla_metadata
-from mla_reference import D_V, make_case
+from mla_reference import D_V, check_outputs, make_case
 
 LIB = "flashmla_with_kvcache: invalid argument "  # the C library's prefix for decode argument errors
 
@@ -137,3 +138,51 @@ def test_errors_leave_no_stale_message(case):
         call(case, head_dim_v=576)
     out, _ = call(case)  # a later success is not affected
     assert out.dtype == ml_dtypes.bfloat16
+
+
+def test_device_mismatch(case):
+    # CPU run (numpy q) with arguments that claim to live on cuda:0: the library rejects them by device.
+    nb, page, h_kv, d = case.k_cache.shape
+    fake_k = FakeCudaTensor((nb, page, h_kv, d), code=4, bits=16)  # kDLBfloat
+    msg = expect_library_error(lambda: call(case, k_cache=fake_k), "k_cache.device")
+    assert msg.startswith(LIB) and "cuda:0" in msg, msg
+    fake_lens = FakeCudaTensor(case.cache_seqlens.shape)
+    expect_library_error(lambda: call(case, cache_seqlens=fake_lens), "cache_seqlens.device")
+
+
+def test_concurrent_calls_from_threads(rng):
+    # Handles are shared between threads and errors are per thread: run good and bad calls side by side.
+    from concurrent.futures import ThreadPoolExecutor
+
+    cases = [make_case(rng, "bf16", 2, 2, 8, 1, rng.integers(0, 300, 2), causal=True) for _ in range(6)]
+
+    def good(c):
+        meta, splits = get_mla_metadata(c.cache_seqlens, 16, 1)
+        return flash_mla_with_kvcache(c.q, c.k_cache, c.block_table, c.cache_seqlens, D_V, meta, splits, causal=True)
+
+    def bad(c):
+        try:
+            call(c, head_dim_v=576)
+        except ValueError as e:
+            return str(e)
+
+    with ThreadPoolExecutor(4) as pool:
+        goods = [pool.submit(good, c) for c in cases]
+        bads = [pool.submit(bad, c) for c in cases]
+        for c, f in zip(cases, goods):
+            out, lse = f.result()
+            check_outputs(out, lse, c, ml_dtypes.bfloat16)
+        for f in bads:
+            assert "`head_dim_v`" in f.result()
+
+
+def test_calls_do_not_leak_their_arguments(case):
+    import sys
+
+    args = (case.q, case.k_cache, case.block_table, case.cache_seqlens)
+    before = [sys.getrefcount(a) for a in args]
+    for _ in range(5):
+        call(case)
+        with pytest.raises(ValueError):
+            call(case, head_dim_v=1)
+    assert [sys.getrefcount(a) for a in args] == before

@@ -1,12 +1,12 @@
 """The installed package: where it comes from, the bundled library, backends."""
 
-import ctypes
 import os
 import pathlib
 
 import pytest
 
 import flashmla
+from conftest import FakeCudaTensor
 from flashmla import _lib
 
 
@@ -54,35 +54,8 @@ def test_bad_backend_device_string():
         flashmla.backend_info("tpu")
 
 
-class FakeCudaTensor:
-    """A DLPack producer that claims to live on cuda:0 (an int32 vector; the memory is never touched)."""
-
-    def __init__(self, n=4):
-        from flashmla import _dlpack
-
-        self.shape = (ctypes.c_int64 * 1)(n)
-        self.managed = _dlpack.DLManagedTensor()
-        t = self.managed.dl_tensor
-        t.data = 0x1000
-        t.device.device_type = _dlpack.KDL_CUDA
-        t.device.device_id = 0
-        t.ndim = 1
-        t.dtype.code, t.dtype.bits, t.dtype.lanes = _dlpack.KDL_INT, 32, 1
-        t.shape = self.shape
-        t.strides = None
-
-    def __dlpack__(self, stream=None):
-        new = ctypes.pythonapi.PyCapsule_New
-        new.restype = ctypes.py_object
-        new.argtypes = [ctypes.c_void_p, ctypes.c_char_p, ctypes.c_void_p]
-        return new(ctypes.addressof(self.managed), b"dltensor", None)  # no destructor: nothing to free
-
-    def __dlpack_device__(self):
-        return (2, 0)
-
-
 def test_cuda_inputs_without_a_usable_gpu_say_why():
-    fake = FakeCudaTensor()
+    fake = FakeCudaTensor((4,))
     try:
         hopper_opens = flashmla.backend_info("cuda:0")["backend"] == "hopper"
     except flashmla.BackendUnavailableError:
