@@ -6,7 +6,7 @@ import pathlib
 import pytest
 
 import flashmla
-from conftest import FakeCudaTensor
+from conftest import FakeCudaTensor, require_gpu
 from flashmla import _lib
 
 
@@ -40,6 +40,8 @@ def test_gpu_backend_opens_or_says_why():
     try:
         info = flashmla.backend_info("cuda:0")
     except flashmla.BackendUnavailableError as e:
+        if require_gpu():
+            pytest.fail(f"FLASHMLA_REQUIRE_GPU=1 but the Hopper backend does not open: {e}")
         msg = str(e)
         assert isinstance(e, RuntimeError) and not isinstance(e, ValueError)
         assert e.status == "FLASHMLA_STATUS_UNAVAILABLE"
