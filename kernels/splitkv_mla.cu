@@ -410,6 +410,11 @@ __device__ __forceinline__ void splitkv_body(const CUtensorMap* tmap_k, const De
         }
       }
       named_barrier_sync(BAR_P_READY, NUM_THREADS);
+      if constexpr (Tr::FP8) {
+        // e4m3: Q·Kᵀ is done and V lives in sV, so the page buffer is free already: refill it now, a whole P·V
+        // earlier than the 16-bit path can (whose V is read from the page itself).
+        if (tid == 0 && i + 2 < nblk) issue_page_load<KIND>(tmap_k, sk_buf, bar_buf, kv_head, bt[blk + 2]);
+      }
 
       if (wg == 0) {
 #pragma unroll
@@ -422,7 +427,9 @@ __device__ __forceinline__ void splitkv_body(const CUtensorMap* tmap_k, const De
         gemm_pv_ss<KIND>(o, sp, sv + V_HALF_BYTES);
       }
       __syncthreads();  // both warpgroups are done with sK[buf], sP, sV and s_scale
-      if (tid == 0 && i + 2 < nblk) issue_page_load<KIND>(tmap_k, sk_buf, bar_buf, kv_head, bt[blk + 2]);
+      if constexpr (!Tr::FP8) {
+        if (tid == 0 && i + 2 < nblk) issue_page_load<KIND>(tmap_k, sk_buf, bar_buf, kv_head, bt[blk + 2]);
+      }
     }
 
     // Epilogue: WG0 owns the softmax statistics; both warpgroups write their 256 columns.

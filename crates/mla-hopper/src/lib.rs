@@ -25,8 +25,8 @@ use std::sync::Arc;
 
 use cudarc::driver::{CudaContext, CudaFunction, CudaModule, result, sys};
 use mla_core::{
-    Capabilities, DType, DecodeArgs, Device, Error, MetadataArgs, MlaBackend, PageSizes, Result, Stream,
-    TensorDesc, Workspace, WorkspaceLayout,
+    Capabilities, DType, DecodeArgs, Device, Error, MetadataArgs, MlaBackend, PageSizes, Result, Stream, TensorDesc,
+    Workspace, WorkspaceLayout,
 };
 
 mod error;
@@ -164,9 +164,14 @@ impl HopperBackend {
         use cudarc::nvrtc::Ptx;
         let init = |call| move |source| HopperError::Init { call, source };
         let load = |bytes: &[u8]| ctx.load_module(Ptx::from_binary(bytes.to_vec())).map_err(init("cuModuleLoadData"));
-        let (split_mod, combine_mod, meta_mod) = (load(cubins::SPLITKV)?, load(cubins::COMBINE)?, load(cubins::METADATA)?);
+        let (split_mod, combine_mod, meta_mod) =
+            (load(cubins::SPLITKV)?, load(cubins::COMBINE)?, load(cubins::METADATA)?);
         let func = |m: &Arc<CudaModule>, name| m.load_function(name).map_err(init("cuModuleGetFunction"));
-        let splitkv = [func(&split_mod, "mla_splitkv_bf16")?, func(&split_mod, "mla_splitkv_f16")?, func(&split_mod, "mla_splitkv_e4m3")?];
+        let splitkv = [
+            func(&split_mod, "mla_splitkv_bf16")?,
+            func(&split_mod, "mla_splitkv_f16")?,
+            func(&split_mod, "mla_splitkv_e4m3")?,
+        ];
         let smem_attr = sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES;
         for (f, bytes) in splitkv.iter().zip([SMEM_16BIT, SMEM_16BIT, SMEM_E4M3]) {
             f.set_attribute(smem_attr, bytes as i32).map_err(init("cuFuncSetAttribute"))?;
@@ -225,12 +230,16 @@ fn addr(t: &TensorDesc) -> u64 {
 /// Checks that `t`'s base is `align`-byte aligned and its strides (in bytes, over dims of extent > 1, the last
 /// excluded) are multiples of `align`.
 fn check_alignment(name: &str, t: &TensorDesc, align: u64, why: &str) -> Result<()> {
-    if addr(t) % align != 0 {
-        return Err(Error::invalid(format!("{name}.data"), format!("a {align}-byte aligned address ({why})"), format!("{:#x}", addr(t))));
+    if !addr(t).is_multiple_of(align) {
+        return Err(Error::invalid(
+            format!("{name}.data"),
+            format!("a {align}-byte aligned address ({why})"),
+            format!("{:#x}", addr(t)),
+        ));
     }
     let elem = t.dtype.size_bytes() as u64;
     for i in 0..t.ndim.saturating_sub(1) {
-        if t.shape[i] > 1 && (t.strides[i] as u64 * elem) % align != 0 {
+        if t.shape[i] > 1 && !(t.strides[i] as u64 * elem).is_multiple_of(align) {
             return Err(Error::invalid(
                 format!("{name}.strides[{i}]"),
                 format!("a multiple of {} elements ({align} bytes: {why})", align / elem),
@@ -276,17 +285,18 @@ impl MlaBackend for HopperBackend {
         check_alignment("q", &args.q, 16, "16-byte loads")?;
         check_alignment("k_cache", &args.k_cache, tma::TMA_ALIGN, "TMA")?;
         check_alignment("out", &args.out, 4, "paired stores")?;
-        let layout =
-            WorkspaceLayout::new(shape.batch, shape.q_seq_per_hk(), shape.h_kv, prob.num_sm_parts)?;
+        let layout = WorkspaceLayout::new(shape.batch, shape.q_seq_per_hk(), shape.h_kv, prob.num_sm_parts)?;
         if workspace.bytes < layout.total_bytes {
             return Err(Error::invalid("workspace.bytes", format!(">= {}", layout.total_bytes), workspace.bytes));
         }
-        if (workspace.ptr as u64) % 16 != 0 {
+        if !(workspace.ptr as u64).is_multiple_of(16) {
             return Err(Error::invalid("workspace.ptr", "a 16-byte aligned address", format!("{:p}", workspace.ptr)));
         }
         let too_big = |what: &str, v: usize| Error::invalid(what, "a value < 2^31", v);
         let qsph = shape.q_seq_per_hk();
-        for (what, v) in [("batch", shape.batch), ("q_seq_per_hk", qsph), ("max_blocks_per_seq", prob.max_blocks_per_seq)] {
+        for (what, v) in
+            [("batch", shape.batch), ("q_seq_per_hk", qsph), ("max_blocks_per_seq", prob.max_blocks_per_seq)]
+        {
             if v > i32::MAX as usize {
                 return Err(too_big(what, v));
             }
@@ -362,7 +372,8 @@ impl MlaBackend for HopperBackend {
         };
         debug_assert!(smem <= SMEM_OPT_IN_LIMIT);
         let m_blocks = qsph.div_ceil(mla_core::scheduler::BLOCK_SIZE_M);
-        let grid_y = |v: usize, what: &str| u32::try_from(v).ok().filter(|&v| v <= 65_535).ok_or_else(|| too_big(what, v));
+        let grid_y =
+            |v: usize, what: &str| u32::try_from(v).ok().filter(|&v| v <= 65_535).ok_or_else(|| too_big(what, v));
         let split_grid = (
             u32::try_from(m_blocks).map_err(|_| too_big("q_seq_per_hk", qsph))?,
             grid_y(shape.h_kv, "h_kv")?,

@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# Runs on the device machine (H100) from the repository root, after scripts/gpu-build.sh ran here:
+#
+#   run(command: "scripts/gpu-run.sh", carry: ["gpu-bin"])
+#
+# Steps (each under a time limit, logs in $OUT): the GPU tests with FLASHMLA_REQUIRE_GPU=1 (a skip is a failure),
+# compute-sanitizer memcheck and racecheck on the reduced set (FLASHMLA_QUICK=1), then the bench. The last lines
+# printed are the summary. Pick steps with GPU_STEPS="tests memcheck racecheck bench" and bench flags with
+# BENCH_ARGS.
+set -uo pipefail
+OUT="${OUT:-/tmp/flashmla-gpu}"
+mkdir -p "$OUT"
+BIN=gpu-bin
+STEPS="${GPU_STEPS:-tests memcheck racecheck bench}"
+export FLASHMLA_REQUIRE_GPU=1
+nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem --format=csv,noheader | tee "$OUT/device.txt"
+declare -A RC
+for step in $STEPS; do
+  case "$step" in
+    tests) timeout 240 "$BIN/hopper-gpu-tests" --test-threads=1 --nocapture >"$OUT/tests.log" 2>&1 ;;
+    memcheck) FLASHMLA_QUICK=1 timeout 200 compute-sanitizer --tool memcheck --error-exitcode 9 \
+        "$BIN/hopper-gpu-tests" --test-threads=1 --nocapture >"$OUT/memcheck.log" 2>&1 ;;
+    racecheck) FLASHMLA_QUICK=1 timeout 200 compute-sanitizer --tool racecheck --error-exitcode 9 \
+        "$BIN/hopper-gpu-tests" --test-threads=1 --nocapture decode_matches_reference >"$OUT/racecheck.log" 2>&1 ;;
+    bench) timeout 240 "$BIN/hopper-bench" ${BENCH_ARGS:-} >"$OUT/bench.log" 2>&1 ;;
+  esac
+  RC[$step]=$?
+done
+echo "=================== summary ==================="
+for step in $STEPS; do
+  log="$OUT/$step.log"
+  echo "--- $step: exit ${RC[$step]}"
+  case "$step" in
+    tests) grep -E "^test |test result|FAIL|panicked|e4m3 worst|scheduler:|replay" "$log" | head -40 ;;
+    memcheck|racecheck) grep -E "ERROR SUMMARY|RACECHECK SUMMARY|test result|Invalid|Race" "$log" | head -12 ;;
+    bench) grep -vE "^\s*$" "$log" | tail -80 ;;
+  esac
+done
