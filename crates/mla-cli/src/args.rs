@@ -34,6 +34,7 @@ macro_rules! cli_err {
 }
 
 /// Parsed `--name [value]` pairs of one subcommand.
+#[derive(Debug)]
 pub struct Args {
     pairs: Vec<(String, Option<String>)>,
     used: RefCell<BTreeSet<String>>,

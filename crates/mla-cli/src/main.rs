@@ -4,10 +4,18 @@
 //! |---|---|
 //! | `info` | which backends run here, and why the others do not |
 //! | `plan` | the split-KV scheduler's output for given lengths |
+//! | `decode` | one decode step, `.npy` files in and out |
+//! | `demo` | a random engine-like step on the best backend, checked against the CPU reference, timed |
+//! | `bench` | upstream's benchmark grid (scaled), with this machine's measured ceilings |
 //!
 //! Errors are one line on stderr and exit status 2; nothing panics on bad input.
 
 mod args;
+mod bench;
+mod check;
+mod decode;
+mod demo;
+mod exec;
 mod info;
 mod npy;
 mod plan;
@@ -24,12 +32,29 @@ commands:
   plan    --seqlens L,L,... | --seqlens-file F.npy
           [--s-q 1] [--h-q 128] [--h-kv 1] [--num-sms 132] [--json]
                                             the scheduler's metadata for these lengths
+  decode  --q Q.npy --kv-cache KV.npy --block-table BT.npy --seqlens SL.npy --out OUT.npy --lse LSE.npy
+          [--backend auto|cpu|hopper] [--device N] [--dtype bf16|fp16|e4m3] [--causal]
+          [--softmax-scale X] [--descale-q X] [--descale-k X]
+                                            one decode step; inputs float32 (rounded to --dtype) and int32,
+                                            outputs float32 out [b,s_q,h_q,512] and lse [b,h_q,s_q]
+  demo    [--backend auto] [--device N] [--dtype bf16] [--batch 32] [--seqlen 2048] [--s-q 2] [--h-q 16]
+          [--h-kv 1] [--page-size 64] [--fixed-len] [--no-causal] [--iters 5] [--seed 0] [--check-rows 24]
+          [--save DIR]                      (--save: also write the inputs and outputs as .npy files)
+                                            a random engine-like step on the best backend: timed, and
+                                            checked against the CPU reference (exit 2 if a check fails)
+  bench   [--backend cpu] [--threads N] [--grid all|upstream|mem] [--dtype bf16,fp16,e4m3]
+          [--h-q 16,32,64,128] [--s-q 1,2] [--batch 16] [--seqlen N] [--varlen] [--no-causal]
+          [--iters 3] [--min-time 0.3] [--json FILE] [--no-ceilings]
+                                            time, GB/s, GFLOP/s next to measured copy bandwidth and FMA peak
 ";
 
 /// Boolean options, by command.
 fn booleans(cmd: &str) -> &'static [&'static str] {
     match cmd {
         "plan" => &["json"],
+        "decode" => &["causal"],
+        "demo" => &["fixed-len", "no-causal"],
+        "bench" => &["varlen", "no-causal", "no-ceilings"],
         _ => &[],
     }
 }
@@ -39,6 +64,9 @@ fn dispatch(cmd: &str, rest: &[String]) -> CliResult {
     match cmd {
         "info" => info::run(&args),
         "plan" => plan::run(&args),
+        "decode" => decode::run(&args),
+        "demo" => demo::run(&args),
+        "bench" => bench::run(&args),
         other => Err(cli_err!("unknown command `{other}` (try `flashmla help`)")),
     }
 }

@@ -37,7 +37,7 @@ pub fn run(args: &Args) -> CliResult {
             return Err(cli_err!("--{name}: expected a value >= 1, got 0"));
         }
     }
-    if h_q % h_kv != 0 {
+    if !h_q.is_multiple_of(h_kv) {
         return Err(cli_err!("--h-q: expected a multiple of --h-kv = {h_kv}, got {h_q}"));
     }
     if seqlens.is_empty() {

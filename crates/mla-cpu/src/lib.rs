@@ -11,6 +11,9 @@
 //! | attend | `kernel` | one rayon task per (work item, KV head): online softmax over 64-token blocks |
 //! | combine | `kernel` | one rayon task per (split request, KV head): LSE merge of the workspace partials |
 //!
+//! Also here: [`problem`] (owned host problems, random engine-like problems, a host runner) and [`roofline`] (this
+//! machine's copy bandwidth and FMA peak, for the benchmarks).
+//!
 //! ## Determinism
 //!
 //! The metadata uses a fixed part count ([`SCHEDULER_PARTS`], not the thread count), every unit runs sequentially
@@ -19,6 +22,8 @@
 
 mod kernel;
 mod prepare;
+pub mod problem;
+pub mod roofline;
 mod simd;
 
 use std::sync::Arc;
@@ -107,6 +112,14 @@ impl CpuBackend {
         self.isa
     }
 
+    /// Runs `f` on this backend's thread pool (the global pool if it has none).
+    pub fn install<R: Send>(&self, f: impl FnOnce() -> R + Send) -> R {
+        match &self.pool {
+            Some(p) => p.install(f),
+            None => f(),
+        }
+    }
+
     /// Worker threads used by [`MlaBackend::decode`].
     pub fn threads(&self) -> usize {
         self.pool.as_ref().map_or_else(rayon::current_num_threads, |p| p.current_num_threads())
@@ -149,11 +162,7 @@ impl MlaBackend for CpuBackend {
         let prob = mla_core::validate_decode(args, &self.caps)?;
         let prep = prepare::prepare(args, &prob, workspace)?;
         let ws = kernel::SharedPtr(workspace.ptr.cast::<u8>());
-        let run = || kernel::run(args, &prob, &prep, self.isa, ws);
-        match &self.pool {
-            Some(p) => p.install(run),
-            None => run(),
-        }
+        self.install(|| kernel::run(args, &prob, &prep, self.isa, ws));
         Ok(())
     }
 }

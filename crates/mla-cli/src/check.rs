@@ -1,0 +1,118 @@
+//! Output comparison for `flashmla demo`: upstream's scheme (notes §5.2) and a float64 spot check.
+//!
+//! | step | rule |
+//! |---|---|
+//! | anomalies | the positions of ±inf and NaN match exactly, then those entries count as 0 |
+//! | elementwise | `|a − r| < abs` or `|a − r| / (|r| + 1e-6) < rel` |
+//! | global | `|cos_diff| <= cos`, `cos_diff = 1 − 2·Σxy / Σ(x² + y²)` |
+
+use mla_core::dtype::{f32_to_bf16, f32_to_f16};
+use mla_core::{DType, HEAD_DIM_K, HEAD_DIM_V, ScalarType};
+use mla_cpu::problem::HostProblem;
+
+/// Tolerances of one comparison.
+#[derive(Clone, Copy, Debug)]
+pub struct Tol {
+    /// Absolute.
+    pub abs: f64,
+    /// Relative.
+    pub rel: f64,
+    /// `cos_diff`.
+    pub cos: f64,
+}
+
+/// Upstream's tolerance for `out` (abs 8e-4, rel 2.01/128, cos 5e-6).
+pub const OUT_TOL: Tol = Tol { abs: 8e-4, rel: 2.01 / 128.0, cos: 5e-6 };
+/// Upstream's tolerance for `lse` (abs 1e-6, rel 8.01/65536, cos 1e-7).
+pub const LSE_TOL: Tol = Tol { abs: 1e-6, rel: 8.01 / 65536.0, cos: 1e-7 };
+
+/// What a comparison found.
+#[derive(Clone, Debug)]
+pub struct Report {
+    /// Largest absolute error among finite elements.
+    pub max_abs: f64,
+    /// `cos_diff`.
+    pub cos_diff: f64,
+    /// First violation, if any.
+    pub failure: Option<String>,
+}
+
+/// Compares `a` against the reference `r`.
+pub fn compare(what: &str, a: &[f64], r: &[f64], tol: Tol) -> Report {
+    let mut rep = Report { max_abs: 0.0, cos_diff: 0.0, failure: None };
+    if a.len() != r.len() {
+        rep.failure = Some(format!("{what}: {} elements vs {}", a.len(), r.len()));
+        return rep;
+    }
+    let (mut xy, mut sq) = (0f64, 0f64);
+    for (k, (&x, &y)) in a.iter().zip(r).enumerate() {
+        let class = |v: f64| (v.is_nan(), v == f64::INFINITY, v == f64::NEG_INFINITY);
+        if class(x) != class(y) {
+            rep.failure.get_or_insert(format!("{what}[{k}]: {x} vs reference {y} (anomaly positions differ)"));
+            continue;
+        }
+        if !x.is_finite() {
+            continue;
+        }
+        let err = (x - y).abs();
+        rep.max_abs = rep.max_abs.max(err);
+        if !(err < tol.abs || err / (y.abs() + 1e-6) < tol.rel) {
+            rep.failure.get_or_insert(format!("{what}[{k}]: {x:e} vs reference {y:e}"));
+        }
+        xy += x * y;
+        sq += x * x + y * y;
+    }
+    rep.cos_diff = if sq == 0.0 { 0.0 } else { 1.0 - 2.0 * xy / sq.max(1e-12) };
+    if rep.cos_diff.abs() > tol.cos {
+        rep.failure.get_or_insert(format!("{what}: cos_diff {:e} > {:e}", rep.cos_diff, tol.cos));
+    }
+    rep
+}
+
+/// Float64 reference of one query row `(i, t, h)`: its 512 outputs (rounded to the out dtype) and its lse.
+pub fn reference_row(p: &HostProblem, i: usize, t: usize, h: usize) -> (Vec<f64>, f64) {
+    let s_k = p.seqlens[i].max(0) as usize;
+    let visible = if p.causal && p.s_q > 1 {
+        (s_k as i64 - p.s_q as i64 + t as i64 + 1).clamp(0, s_k as i64) as usize
+    } else {
+        s_k
+    };
+    if visible == 0 {
+        return (vec![0.0; HEAD_DIM_V], f64::INFINITY);
+    }
+    let g = h / (p.h_q / p.h_kv);
+    let scale = p.softmax_scale.map_or(1.0 / (HEAD_DIM_K as f64).sqrt(), f64::from);
+    let q: Vec<f64> = (0..HEAD_DIM_K).map(|d| p.q_at(i, t, h, d) as f64).collect();
+    let scores: Vec<f64> =
+        (0..visible).map(|j| scale * (0..HEAD_DIM_K).map(|d| q[d] * p.k_at(i, j, g, d) as f64).sum::<f64>()).collect();
+    let m = scores.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+    let z: f64 = scores.iter().map(|s| (s - m).exp()).sum();
+    let mut out = vec![0f64; HEAD_DIM_V];
+    for (j, s) in scores.iter().enumerate() {
+        let w = (s - m).exp() / z;
+        for (d, o) in out.iter_mut().enumerate() {
+            *o += w * p.k_at(i, j, g, d) as f64;
+        }
+    }
+    let round = |x: f64| match p.dtype.out_dtype() {
+        ScalarType::F16 => mla_core::dtype::f16_to_f32(f32_to_f16(x as f32)) as f64,
+        _ => mla_core::dtype::bf16_to_f32(f32_to_bf16(x as f32)) as f64,
+    };
+    (out.into_iter().map(round).collect(), m + z.ln())
+}
+
+/// Chooses up to `n` query rows `(i, t, h)` spread over the problem (every request, first and last tokens).
+pub fn sample_rows(p: &HostProblem, n: usize) -> Vec<(usize, usize, usize)> {
+    let total = p.batch * p.s_q * p.h_q;
+    let step = total.div_ceil(n.max(1)).max(1);
+    (0..total).step_by(step).map(|k| (k / (p.s_q * p.h_q), (k / p.h_q) % p.s_q, (k * 7 + k / p.h_q) % p.h_q)).collect()
+}
+
+/// True for dtypes whose inputs are quantized with descales (for messages).
+pub fn describe_dtype(d: DType) -> &'static str {
+    match d {
+        DType::E4M3 => "e4m3 (descale_q 1/64, descale_k 1/128, bf16 out)",
+        DType::Bf16 => "bf16",
+        DType::F16 => "fp16",
+    }
+}

@@ -1,0 +1,166 @@
+//! `flashmla demo`: an engine-like decode step on the best available backend, checked and timed.
+//!
+//! ```text
+//!  random problem (varlen lengths, NaN cache tails and spare pages, permuted block table with garbage past the end)
+//!    ├─ backend (auto: hopper if it opens, else cpu): warm-up + timed calls ─► time, GB/s, TFLOP/s (upstream formulas)
+//!    ├─ CPU reference on one thread: bitwise equal if the backend is the CPU (determinism), else upstream tolerances
+//!    └─ float64 spot check of sampled rows from the definition
+//! ```
+//! Exit status 0 only if every check passes.
+
+use std::path::Path;
+
+use mla_core::{DType, HEAD_DIM_K, HEAD_DIM_V};
+use mla_cpu::problem::{HostOutputs, HostProblem, RandomSpec};
+use mla_cpu::{CpuBackend, CpuOptions};
+
+use crate::args::{Args, CliResult};
+use crate::check::{self, LSE_TOL, OUT_TOL};
+use crate::{cli_err, exec, npy};
+
+/// Runs `flashmla demo`.
+pub fn run(args: &Args) -> CliResult {
+    let backend_name = args.value("backend").unwrap_or("auto").to_string();
+    let ordinal: i32 = args.parsed_or("device", 0)?;
+    let dtype_s = args.value("dtype").unwrap_or("bf16").to_string();
+    let dtype =
+        DType::parse(&dtype_s).ok_or_else(|| cli_err!("--dtype: expected bf16, fp16 or e4m3, got `{dtype_s}`"))?;
+    let spec = RandomSpec {
+        batch: args.parsed_or("batch", 32)?,
+        s_q: args.parsed_or("s-q", 2)?,
+        h_q: args.parsed_or("h-q", 16)?,
+        h_kv: args.parsed_or("h-kv", 1)?,
+        mean_seqlen: args.parsed_or("seqlen", 2048)?,
+        varlen: !args.flag("fixed-len"),
+        page_size: args.parsed_or("page-size", 64)?,
+        dtype,
+        causal: !args.flag("no-causal"),
+        seed: args.parsed_or("seed", 0)?,
+    };
+    let iters: usize = args.parsed_or("iters", 5)?;
+    let samples: usize = args.parsed_or("check-rows", 24)?;
+    let save: Option<String> = args.value("save").map(str::to_string);
+    args.finish()?;
+    for (name, v) in [("batch", spec.batch), ("s-q", spec.s_q), ("h-q", spec.h_q), ("h-kv", spec.h_kv)] {
+        if v == 0 {
+            return Err(cli_err!("--{name}: expected a value >= 1, got 0"));
+        }
+    }
+    if spec.page_size == 0 || !spec.h_q.is_multiple_of(spec.h_kv) {
+        return Err(cli_err!("--page-size must be >= 1 and --h-kv must divide --h-q"));
+    }
+
+    let backend = flashmla::open_backend(&backend_name, ordinal)?;
+    let p = HostProblem::random(&spec);
+    println!(
+        "problem: b={} s_q={} h_q={} h_kv={} {} page_size={} {}, lengths {} (mean {:.0}, min {}, max {}), \
+         cache {:.1} MB with NaN tails, permuted block table",
+        p.batch,
+        p.s_q,
+        p.h_q,
+        p.h_kv,
+        check::describe_dtype(dtype),
+        p.page_size,
+        if p.causal { "causal" } else { "non-causal" },
+        if spec.varlen { "varlen" } else { "fixed" },
+        p.total_seqlen() as f64 / p.batch as f64,
+        p.seqlens.iter().min().unwrap_or(&0),
+        p.seqlens.iter().max().unwrap_or(&0),
+        p.kv.len() as f64 * dtype.size_bytes() as f64 / 1e6,
+    );
+    println!("backend: {} on {}", backend.name(), backend.capabilities().device_name);
+
+    let (got, timing) = exec::time_decode(backend.as_ref(), &p, iters.max(1), iters.max(1), 0.0)?;
+    let t = timing.median();
+    println!(
+        "time: {:.3} ms median of {} (best {:.3} ms); {:.1} GB/s, {:.2} TFLOP/s",
+        t * 1e3,
+        timing.samples.len(),
+        timing.min() * 1e3,
+        p.bytes() / t / 1e9,
+        p.flops() / t / 1e12
+    );
+
+    let mut failures = Vec::new();
+    // 1. Against the CPU reference backend on one thread.
+    let reference = CpuBackend::with_options(CpuOptions { threads: Some(1), isa: None })?;
+    let want = exec::run_decode(&reference, &p)?;
+    if backend.name() == "cpu" {
+        if got.bitwise_eq(&want) {
+            println!("check 1/2: bitwise identical to the CPU reference on 1 thread (deterministic)");
+        } else {
+            failures.push("differs from the 1-thread CPU run (not deterministic)".to_string());
+        }
+    } else {
+        let to64 = |v: &[f32]| v.iter().map(|&x| x as f64).collect::<Vec<_>>();
+        let o = check::compare("out", &to64(&got.out), &to64(&want.out), OUT_TOL);
+        let l = check::compare("lse", &to64(&got.lse), &to64(&want.lse), LSE_TOL);
+        println!(
+            "check 1/2: vs the CPU reference: out max |err| {:.2e}, cos_diff {:.1e}; lse max |err| {:.2e}",
+            o.max_abs, o.cos_diff, l.max_abs
+        );
+        failures.extend(o.failure.into_iter().chain(l.failure));
+    }
+
+    // 2. Sampled rows against float64 from the definition.
+    let rows = check::sample_rows(&p, samples);
+    let (mut a_out, mut r_out, mut a_lse, mut r_lse) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    for &(i, t, h) in &rows {
+        let (o, l) = check::reference_row(&p, i, t, h);
+        let base = ((i * p.s_q + t) * p.h_q + h) * HEAD_DIM_V;
+        a_out.extend(got.out[base..base + HEAD_DIM_V].iter().map(|&x| x as f64));
+        r_out.extend(o);
+        a_lse.push(got.lse[(i * p.h_q + h) * p.s_q + t] as f64);
+        r_lse.push(l);
+    }
+    let o = check::compare("out", &a_out, &r_out, OUT_TOL);
+    let l = check::compare("lse", &a_lse, &r_lse, LSE_TOL);
+    println!(
+        "check 2/2: {} sampled rows vs float64: out max |err| {:.2e}, cos_diff {:.1e}; lse max |err| {:.2e}",
+        rows.len(),
+        o.max_abs,
+        o.cos_diff,
+        l.max_abs
+    );
+    failures.extend(o.failure.into_iter().chain(l.failure));
+
+    if let Some(dir) = save {
+        save_problem(Path::new(&dir), &p, &got)?;
+    }
+    if failures.is_empty() {
+        println!("PASS");
+        Ok(())
+    } else {
+        Err(cli_err!("check FAILED: {}", failures.join("; ")))
+    }
+}
+
+/// Writes the problem as `flashmla decode` inputs (float32 values that round back to the same elements) plus the
+/// backend's outputs, and prints the command that reproduces them.
+fn save_problem(dir: &Path, p: &HostProblem, got: &HostOutputs) -> CliResult {
+    std::fs::create_dir_all(dir).map_err(|e| cli_err!("{}: cannot create: {e}", dir.display()))?;
+    let widen = |e: &mla_cpu::problem::Elems, descale: f32| -> Vec<f32> {
+        let s = if p.dtype == DType::E4M3 { descale } else { 1.0 };
+        (0..e.len()).map(|k| e.get(p.dtype, k) * s).collect()
+    };
+    let f = |name: &str| dir.join(name);
+    npy::write_f32(&f("q.npy"), &[p.batch, p.s_q, p.h_q, HEAD_DIM_K], &widen(&p.q, p.descale_q))?;
+    npy::write_f32(&f("kv.npy"), &[p.num_blocks, p.page_size, p.h_kv, HEAD_DIM_K], &widen(&p.kv, p.descale_k))?;
+    npy::write_i32(&f("block_table.npy"), &[p.batch, p.max_blocks_per_seq], &p.block_table)?;
+    npy::write_i32(&f("seqlens.npy"), &[p.batch], &p.seqlens)?;
+    npy::write_f32(&f("out.npy"), &[p.batch, p.s_q, p.h_q, HEAD_DIM_V], &got.out)?;
+    npy::write_f32(&f("lse.npy"), &[p.batch, p.h_q, p.s_q], &got.lse)?;
+    let d = dir.display();
+    let descales = if p.dtype == DType::E4M3 {
+        format!(" --descale-q {} --descale-k {}", p.descale_q, p.descale_k)
+    } else {
+        String::new()
+    };
+    println!(
+        "saved to {d}/; reproduce with: flashmla decode --dtype {}{descales}{} --q {d}/q.npy --kv-cache {d}/kv.npy \\\n  \
+         --block-table {d}/block_table.npy --seqlens {d}/seqlens.npy --out out.npy --lse lse.npy",
+        p.dtype,
+        if p.causal { " --causal" } else { "" },
+    );
+    Ok(())
+}

@@ -1,0 +1,103 @@
+//! All data movement of a CLI run, in one place: host problem in, host outputs out, whatever device the backend
+//! computes on.
+//!
+//! | backend device | path |
+//! |---|---|
+//! | `Device::Host` (cpu) | [`mla_cpu::problem::HostRun`]: descriptors over the host buffers, metadata, workspace, decode |
+//! | `Device::Cuda(n)` (hopper) | not wired yet: the device path (upload, metadata and decode on the stream, download) is plugged in [`Session::new`] and [`Session::decode`] |
+
+use std::time::{Duration, Instant};
+
+use mla_core::{Device, MlaBackend};
+use mla_cpu::problem::{HostOutputs, HostProblem, HostRun};
+
+use crate::args::CliResult;
+use crate::cli_err;
+
+/// A problem bound to a backend, ready to run (possibly many times, for timing).
+pub struct Session<'a> {
+    inner: Inner<'a>,
+}
+
+enum Inner<'a> {
+    Host(HostRun<'a>),
+}
+
+impl<'a> Session<'a> {
+    /// Prepares `host` on `backend`: runs the scheduler step and allocates workspace and outputs.
+    pub fn new(backend: &'a dyn MlaBackend, host: &'a HostProblem) -> CliResult<Self> {
+        match backend.capabilities().device {
+            Device::Host => Ok(Session { inner: Inner::Host(HostRun::new(backend, host)?) }),
+            Device::Cuda(n) => Err(cli_err!(
+                "backend `{}` computes on cuda:{n}; the hopper path of the CLI is wired separately (not in this \
+                 build yet): use --backend cpu",
+                backend.name()
+            )),
+        }
+    }
+
+    /// One decode call, returning when its outputs are complete.
+    pub fn decode(&mut self) -> CliResult<Duration> {
+        match &mut self.inner {
+            Inner::Host(run) => {
+                let t = Instant::now();
+                run.decode()?;
+                Ok(t.elapsed())
+            }
+        }
+    }
+
+    /// The outputs of the last decode, on the host.
+    pub fn outputs(&self) -> CliResult<HostOutputs> {
+        match &self.inner {
+            Inner::Host(run) => Ok(run.outputs()),
+        }
+    }
+}
+
+/// Runs `host` once on `backend` and returns its outputs.
+pub fn run_decode(backend: &dyn MlaBackend, host: &HostProblem) -> CliResult<HostOutputs> {
+    let mut s = Session::new(backend, host)?;
+    s.decode()?;
+    s.outputs()
+}
+
+/// Times of repeated decodes.
+#[derive(Clone, Debug)]
+pub struct Timing {
+    /// Every timed call, in order.
+    pub samples: Vec<Duration>,
+}
+
+impl Timing {
+    /// Median call time, seconds.
+    pub fn median(&self) -> f64 {
+        let mut v: Vec<f64> = self.samples.iter().map(Duration::as_secs_f64).collect();
+        v.sort_by(f64::total_cmp);
+        if v.is_empty() { f64::NAN } else { v[v.len() / 2] }
+    }
+
+    /// Fastest call, seconds.
+    pub fn min(&self) -> f64 {
+        self.samples.iter().map(Duration::as_secs_f64).fold(f64::INFINITY, f64::min)
+    }
+}
+
+/// One warm-up call, then timed calls until at least `min_iters` calls and `min_secs` seconds (at most
+/// `max_iters` calls). Returns the outputs of the last call.
+pub fn time_decode(
+    backend: &dyn MlaBackend,
+    host: &HostProblem,
+    min_iters: usize,
+    max_iters: usize,
+    min_secs: f64,
+) -> CliResult<(HostOutputs, Timing)> {
+    let mut s = Session::new(backend, host)?;
+    s.decode()?;
+    let mut samples = Vec::new();
+    let start = Instant::now();
+    while samples.len() < max_iters.max(1) && (samples.len() < min_iters || start.elapsed().as_secs_f64() < min_secs) {
+        samples.push(s.decode()?);
+    }
+    Ok((s.outputs()?, Timing { samples }))
+}
