@@ -161,11 +161,10 @@ pub unsafe extern "C" fn flashmla_backend_open(
         }
         // SAFETY: non-null, and the caller guarantees NUL termination.
         let name = unsafe { CStr::from_ptr(backend_name) };
-        let name = name
-            .to_str()
-            .ok()
-            .filter(|n| BACKEND_NAMES.contains(n))
-            .ok_or_else(|| Error::invalid("backend_name", format!("one of {BACKEND_NAMES:?}"), format!("{name:?}")))?;
+        let name =
+            name.to_str().ok().filter(|n| BACKEND_NAMES.contains(n)).ok_or_else(|| {
+                Error::invalid("backend_name", format!("one of {BACKEND_NAMES:?}"), format!("{name:?}"))
+            })?;
         if device_ordinal < 0 {
             return Err(Error::invalid("device_ordinal", "a device ordinal >= 0", device_ordinal));
         }

@@ -35,6 +35,9 @@ fn open_hopper(ordinal: i32) -> Result<mla_hopper::HopperBackend> {
             .map(|s| s.to_string())
             .or_else(|| payload.downcast_ref::<String>().cloned())
             .unwrap_or_else(|| "a panic".into());
-        Err(Error::Unavailable { backend: "hopper".into(), reason: format!("opening device {ordinal} panicked: {what}") })
+        Err(Error::Unavailable {
+            backend: "hopper".into(),
+            reason: format!("opening device {ordinal} panicked: {what}"),
+        })
     })
 }

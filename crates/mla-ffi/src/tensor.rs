@@ -153,11 +153,7 @@ impl flashmla_tensor {
                 Device::Cuda(self.device_id)
             }
             other => {
-                return Err(Error::invalid(
-                    format!("{name}.device_type"),
-                    "1 (kDLCPU) or 2 (kDLCUDA)",
-                    other,
-                ));
+                return Err(Error::invalid(format!("{name}.device_type"), "1 (kDLCPU) or 2 (kDLCUDA)", other));
             }
         };
         TensorDesc::new(self.data, dtype.scalar(), &self.shape[..ndim], &self.strides[..ndim], device)
