@@ -32,7 +32,11 @@ constexpr int V_CHUNKS = HEAD_DIM_V / 64;           // 16-bit V chunks (8)
 constexpr int V_HALF_BYTES = 4 * CHUNK_BYTES;       // start of V columns 256..511 in a 16-bit tile
 constexpr int V_K16_STEP_BYTES = 16 * ROW_BYTES;    // 16 tokens down the MN-major V view
 constexpr int V_MN_LBO = CHUNK_BYTES;               // MN-major: stride between 64-column blocks
-constexpr int BAR_P_READY = 1;                      // named barrier: P, row scales and V are in shared memory
+// Named barriers between the two warpgroups (all over 256 threads: one side arrives, the other syncs). Page i:
+constexpr int BAR_P_READY = 1;   // WG0 → WG1: P(i) in sP, row scales in s_scale, V(i) tail zeroed
+constexpr int BAR_SP_FREE = 2;   // WG1 → WG0: WG1 has read sP(i) and s_scale(i)
+constexpr int BAR_L_DONE = 3;    // WG0 → WG1: WG0's P·V(i) is complete (page i / sV no longer read by WG0)
+constexpr int BAR_V_READY = 4;   // WG1 → WG0 (e4m3): V(i) converted into sV
 constexpr float LN2 = 0.69314718055994530942f;
 
 template <int KIND>
@@ -120,9 +124,9 @@ __device__ __forceinline__ void load_q_tile(uint8_t* sq, const DecodeParams& p, 
   }
 }
 
-// S[64x64] = Q · Kᵀ for one page (WG0).
+// Issues S[64x64] = Q · Kᵀ for one page (WG0) as one wgmma group; the caller waits for it.
 template <int KIND>
-__device__ __forceinline__ void gemm_qk(float (&s)[32], uint32_t sq, uint32_t sk) {
+__device__ __forceinline__ void issue_qk(float (&s)[32], uint32_t sq, uint32_t sk) {
   wgmma_fence();
   if constexpr (Traits<KIND>::FP8) {
 #pragma unroll
@@ -153,13 +157,12 @@ __device__ __forceinline__ void gemm_qk(float (&s)[32], uint32_t sq, uint32_t sk
     }
   }
   wgmma_commit();
-  wgmma_wait<0>();
-  pin_regs(s);
 }
 
-// O[64x256] += P (registers, A fragments) · V half (MN-major view). 16-bit P: bf16 for bf16 inputs, else f16.
+// Issues O[64x256] += P (registers, A fragments) · V half (MN-major view); the caller waits. P is bf16 for bf16
+// inputs, else f16.
 template <int KIND>
-__device__ __forceinline__ void gemm_pv_rs(float (&o)[128], const uint32_t (&pa)[4][4], uint32_t sv_half) {
+__device__ __forceinline__ void issue_pv_rs(float (&o)[128], const uint32_t (&pa)[4][4], uint32_t sv_half) {
   wgmma_fence();
 #pragma unroll
   for (int kk = 0; kk < 4; ++kk) {
@@ -171,8 +174,6 @@ __device__ __forceinline__ void gemm_pv_rs(float (&o)[128], const uint32_t (&pa)
     }
   }
   wgmma_commit();
-  wgmma_wait<0>();
-  pin_regs(o);
 }
 
 // O[64x256] += sP (shared, K-major) · V half (MN-major view).
@@ -196,10 +197,15 @@ __device__ __forceinline__ void gemm_pv_ss(float (&o)[128], uint32_t sp, uint32_
 
 // e4m3 only (WG1): the page's first 512 columns → f16 tile in the 16-bit SW128 layout; rows >= valid are zero.
 __device__ __forceinline__ void convert_v_e4m3(const uint8_t* sk, uint8_t* sv, int valid, int tw) {
-  constexpr int SRC_VEC_PER_ROW = HEAD_DIM_V / 16;  // 16 e4m3 per 16-byte vector
-  for (int idx = tw; idx < PAGE_TOKENS * SRC_VEC_PER_ROW; idx += WG_THREADS) {
-    const int row = idx / SRC_VEC_PER_ROW;
-    const int v = idx % SRC_VEC_PER_ROW;
+  // Each warp step covers 8 rows x 4 source vectors, so that the XOR swizzle spreads its 32 16-byte stores (and
+  // loads) over all banks: 4 wavefronts per 512 bytes instead of 8 when a warp walks one row.
+  constexpr int STEPS = PAGE_TOKENS * (HEAD_DIM_V / 16) / WG_THREADS;  // 16
+  const int warp = tw / 32, lane = tw % 32;
+#pragma unroll 4
+  for (int k = 0; k < STEPS; ++k) {
+    const int combo = warp + 4 * k;  // (8-row group, 4-vector group): 8 x 8 combos
+    const int row = 8 * (combo / 8) + lane % 8;
+    const int v = 4 * (combo % 8) + lane / 8;  // source vector: e4m3 columns 16v..16v+15
     uint4 lo = make_uint4(0, 0, 0, 0), hi = make_uint4(0, 0, 0, 0);
     if (row < valid) {
       const uint4 x = *reinterpret_cast<const uint4*>(sk + (v / 8) * CHUNK_BYTES + swz128(row, v % 8));
@@ -332,25 +338,29 @@ __device__ __forceinline__ void splitkv_body(const CUtensorMap* tmap_k, const De
     float m_run[2] = {-INFINITY, -INFINITY};
     float l_run[2] = {0.0f, 0.0f};
 
-    for (int i = 0; i < nblk; ++i) {
-      const int buf = i & 1;
-      const int blk = blk_begin + i;
-      const uint32_t bar_buf = buf ? bar1 : bar0;
-      const uint32_t sk_buf = buf ? sk1 : sk0;
-      mbar_wait(bar_buf, (phase >> buf) & 1);
-      phase ^= 1u << buf;
-      const int valid = min(PAGE_TOKENS, s_k - blk * PAGE_TOKENS);
-      uint8_t* gk = gbase + (buf ? Sm::K1 : Sm::K0);
-      const uint32_t sv = Tr::FP8 ? base + Sm::V : sk_buf;
-
-      uint32_t pa[4][4];
-      float row_scale[2];
-      if (wg == 0) {
+    // The warpgroups run decoupled, synchronised only by named barriers (no CTA-wide barrier per page):
+    //   WG0: wait page i ─ Q·Kᵀ(i) ─ softmax(i) ─ SP_FREE(i−1) ─ sP(i) → P_READY ─ P·V_L(i) → L_DONE
+    //   WG1: (e4m3: convert V(i) → V_READY) ─ P_READY ─ P·V_R(i) ─ L_DONE ─ refill page i+2 ─ SP_FREE
+    // so WG1's P·V_R(i) and WG0's Q·Kᵀ(i+1) share the tensor cores instead of running back to back.
+    if (wg == 0) {
+      for (int i = 0; i < nblk; ++i) {
+        const int buf = i & 1;
+        const int blk = blk_begin + i;
+        const uint32_t bar_buf = buf ? bar1 : bar0;
+        const uint32_t sk_buf = buf ? sk1 : sk0;
+        mbar_wait(bar_buf, (phase >> buf) & 1);
+        phase ^= 1u << buf;
+        const int valid = min(PAGE_TOKENS, s_k - blk * PAGE_TOKENS);
+        uint8_t* gk = gbase + (buf ? Sm::K1 : Sm::K0);
+        const uint32_t sv = Tr::FP8 ? base + Sm::V : sk_buf;
         float s[32];
 #pragma unroll
         for (int j = 0; j < 32; ++j) s[j] = 0.0f;
-        gemm_qk<KIND>(s, sq, sk_buf);
+        issue_qk<KIND>(s, sq, sk_buf);
+        wgmma_wait<0>();
+        pin_regs(s);
 
+        float row_scale[2];
         // Accumulator element j: row row_a + 8·((j>>1)&1), column 8·(j>>2) + 2·quad + (j&1).
 #pragma unroll
         for (int h = 0; h < 2; ++h) {
@@ -383,7 +393,12 @@ __device__ __forceinline__ void splitkv_body(const CUtensorMap* tmap_k, const De
           }
           l_run[h] = l_run[h] * row_scale[h] + sum;
         }
+        if constexpr (!Tr::FP8) {
+          if (valid < PAGE_TOKENS) zero_v_tail(gk, valid, tw);  // WG1 reads V(i) only after P_READY
+        }
+        if (i > 0) named_barrier_sync(BAR_SP_FREE, NUM_THREADS);  // WG1 is done with sP(i−1), s_scale(i−1)
         // The accumulator of k-step kk is exactly the A fragment of P for tokens 16kk..16kk+15.
+        uint32_t pa[4][4];
         uint8_t* gp = gbase + Sm::P;
 #pragma unroll
         for (int kk = 0; kk < 4; ++kk) {
@@ -399,36 +414,53 @@ __device__ __forceinline__ void splitkv_body(const CUtensorMap* tmap_k, const De
           s_scale[row_a] = row_scale[0];
           s_scale[row_a + 8] = row_scale[1];
         }
-        if constexpr (!Tr::FP8) {
-          if (valid < PAGE_TOKENS) zero_v_tail(gk, valid, tw);
-        }
         fence_proxy_async();
-      } else {
-        if constexpr (Tr::FP8) {
-          convert_v_e4m3(gk, gbase + Sm::V, valid, tw);
-          fence_proxy_async();
-        }
-      }
-      named_barrier_sync(BAR_P_READY, NUM_THREADS);
-      if constexpr (Tr::FP8) {
-        // e4m3: Q·Kᵀ is done and V lives in sV, so the page buffer is free already: refill it now, a whole P·V
-        // earlier than the 16-bit path can (whose V is read from the page itself).
-        if (tid == 0 && i + 2 < nblk) issue_page_load<KIND>(tmap_k, sk_buf, bar_buf, kv_head, bt[blk + 2]);
-      }
-
-      if (wg == 0) {
+        named_barrier_arrive(BAR_P_READY, NUM_THREADS);
+        if constexpr (Tr::FP8) named_barrier_sync(BAR_V_READY, NUM_THREADS);
 #pragma unroll
         for (int j = 0; j < 128; ++j) o[j] *= row_scale[(j >> 1) & 1];
-        gemm_pv_rs<KIND>(o, pa, sv);
-      } else {
+        issue_pv_rs<KIND>(o, pa, sv);
+        // Waiting here (not during the next Q·Kᵀ) keeps the accumulators out of flight across the loop edge, which
+        // ptxas would otherwise answer by serialising every wgmma (C7514); WG1's P·V_R keeps the tensor cores busy.
+        wgmma_wait<0>();
+        pin_regs(o);
+        named_barrier_arrive(BAR_L_DONE, NUM_THREADS);
+      }
+    } else {
+      for (int i = 0; i < nblk; ++i) {
+        const int buf = i & 1;
+        const int blk = blk_begin + i;
+        const uint32_t bar_buf = buf ? bar1 : bar0;
+        const uint32_t sk_buf = buf ? sk1 : sk0;
+        mbar_wait(bar_buf, (phase >> buf) & 1);
+        phase ^= 1u << buf;
+        const int valid = min(PAGE_TOKENS, s_k - blk * PAGE_TOKENS);
+        uint8_t* gk = gbase + (buf ? Sm::K1 : Sm::K0);
+        const uint32_t sv = Tr::FP8 ? base + Sm::V : sk_buf;
+        if constexpr (Tr::FP8) {
+          convert_v_e4m3(gk, gbase + Sm::V, valid, tw);  // WG0's P·V_L(i−1) finished: L_DONE of the last page
+          fence_proxy_async();
+          named_barrier_arrive(BAR_V_READY, NUM_THREADS);
+        }
+        named_barrier_sync(BAR_P_READY, NUM_THREADS);
+        if constexpr (Tr::FP8) {
+          // e4m3: Q·Kᵀ(i) is done (before P_READY) and V(i) lives in sV, so the page buffer is free already.
+          if (tid == WG_THREADS && i + 2 < nblk) {
+            issue_page_load<KIND>(tmap_k, sk_buf, bar_buf, kv_head, bt[blk + 2]);
+          }
+        }
         const float sc0 = s_scale[row_a], sc1 = s_scale[row_a + 8];
 #pragma unroll
         for (int j = 0; j < 128; ++j) o[j] *= ((j >> 1) & 1) ? sc1 : sc0;
         gemm_pv_ss<KIND>(o, sp, sv + V_HALF_BYTES);
-      }
-      __syncthreads();  // both warpgroups are done with sK[buf], sP, sV and s_scale
-      if constexpr (!Tr::FP8) {
-        if (tid == 0 && i + 2 < nblk) issue_page_load<KIND>(tmap_k, sk_buf, bar_buf, kv_head, bt[blk + 2]);
+        named_barrier_sync(BAR_L_DONE, NUM_THREADS);  // both halves of P·V(i) are complete
+        if constexpr (!Tr::FP8) {
+          if (tid == WG_THREADS && i + 2 < nblk) {
+            issue_page_load<KIND>(tmap_k, sk_buf, bar_buf, kv_head, bt[blk + 2]);
+          }
+        }
+        // The last page's sP is protected by the end-of-request __syncthreads instead (WG0 never waits for it).
+        if (i + 1 < nblk) named_barrier_arrive(BAR_SP_FREE, NUM_THREADS);
       }
     }
 
