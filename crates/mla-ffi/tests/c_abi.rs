@@ -36,10 +36,12 @@ fn out_dir() -> PathBuf {
     dir
 }
 
-/// The system C (or C++) compiler as the `cc` crate finds it (`CC`/`CXX` honoured), without its default flags
-/// beyond what a plain build uses.
-fn compiler(cpp: bool) -> Command {
+/// The system C (or C++) compiler as the `cc` crate finds it (`CC`/`CXX` honoured). `tag` gives each caller its
+/// own scratch directory, since the tests run in parallel and `cc` probes the compiler with files it writes there.
+fn compiler(cpp: bool, tag: &str) -> Command {
     let target = format!("{}-unknown-linux-gnu", std::env::consts::ARCH);
+    let scratch = out_dir().join(format!("cc-{tag}"));
+    std::fs::create_dir_all(&scratch).expect("create the compiler scratch directory");
     cc::Build::new()
         .cargo_metadata(false)
         .cpp(cpp)
@@ -47,7 +49,7 @@ fn compiler(cpp: bool) -> Command {
         .debug(false)
         .target(&target)
         .host(&target)
-        .out_dir(out_dir())
+        .out_dir(scratch)
         .try_get_compiler()
         .expect("no C/C++ compiler found (install gcc/g++ or set CC/CXX)")
         .to_command()
@@ -70,7 +72,7 @@ fn build_program(source: &Path, exe_name: &str, cpp: bool) -> PathBuf {
     let root = repo_root();
     let deps = deps_dir();
     let exe = out_dir().join(exe_name);
-    let mut cmd = compiler(cpp);
+    let mut cmd = compiler(cpp, exe_name);
     cmd.arg(if cpp { "-std=c++17" } else { "-std=c11" })
         .args(["-Wall", "-Wextra", "-Werror", "-pedantic"])
         .arg("-I")
@@ -103,7 +105,7 @@ fn header_compiles_as_c99_and_cpp17() {
     .unwrap();
     let include = repo_root().join("include");
     for (cpp, std) in [(false, "-std=c99"), (false, "-std=c11"), (true, "-std=c++17")] {
-        let mut cmd = compiler(cpp);
+        let mut cmd = compiler(cpp, &format!("header{std}"));
         if cpp {
             cmd.args(["-x", "c++"]);
         } else {
@@ -146,7 +148,7 @@ fn docs_example_compiles_and_runs() {
     let root = repo_root();
     let deps = deps_dir();
     let exe = out_dir().join("c_api_example");
-    let mut cmd = compiler(false);
+    let mut cmd = compiler(false, "docs-example");
     cmd.args(["-std=c99", "-Wall", "-Wextra", "-Werror", "-pedantic", "-I"])
         .arg(root.join("include"))
         .arg(&src)
