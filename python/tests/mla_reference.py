@@ -174,8 +174,12 @@ def assert_close(name: str, got, ref, abs_tol: float, rel_tol: float, cos_tol: f
     assert cd <= cos_tol, f"{name}: cos_diff {cd} > {cos_tol}"
 
 
-def check_outputs(out, lse, case: Case, out_dtype) -> None:
-    """Checks (out, lse) from the library against the case's float64 reference with upstream's tolerances."""
+def check_outputs(out, lse, case: Case, out_dtype, fp8_kernel: bool = False) -> None:
+    """Checks (out, lse) from the library against the case's float64 reference with upstream's tolerances.
+
+    ``fp8_kernel``: results of a GPU kernel that computes with the E4M3 inputs on FP8 tensor cores; they are held
+    to upstream's FP8 bar instead (PR 54's test: cos_diff(out) < 1e-2; here also cos_diff(lse) < 1e-5), with the
+    same exact positions of ±inf/NaN. The CPU backend is exact and always meets the BF16 bar."""
     out = np.asarray(out)
     lse = np.asarray(lse)
     b, s_q, h_q, _ = case.q.shape
@@ -185,6 +189,10 @@ def check_outputs(out, lse, case: Case, out_dtype) -> None:
     assert lse.dtype == np.float32, lse.dtype
     # The reference is rounded to the output dtype first, as upstream's test does.
     ref_out = case.ref_out.astype(np.float32).astype(out_dtype).astype(np.float64)
+    if fp8_kernel:
+        assert_close("out", out.astype(np.float64), ref_out, abs_tol=np.inf, rel_tol=np.inf, cos_tol=1e-2)
+        assert_close("lse", lse.astype(np.float64), case.ref_lse, abs_tol=np.inf, rel_tol=np.inf, cos_tol=1e-5)
+        return
     assert_close("out", out.astype(np.float64), ref_out, abs_tol=8e-4, rel_tol=2.01 / 128, cos_tol=5e-6)
     assert_close("lse", lse.astype(np.float64), case.ref_lse, abs_tol=1e-6, rel_tol=8.01 / 65536, cos_tol=1e-7)
 
