@@ -231,3 +231,11 @@ def test_reference_self_check():
     np.testing.assert_allclose(out2, out)
     assert math.isclose(lse2[0, 0, 0], lse[0, 0, 0] + math.log(2))
     assert set(DTYPES) == {"bf16", "fp16", "e4m3"}
+
+
+@pytest.mark.parametrize("h_q,h_kv", [(1, 1), (9, 3), (63, 1), (126, 2), (8, 8)])
+def test_upstream_head_grid(rng, h_q, h_kv):
+    # Head counts of upstream's correctness grid: partial 64-row tiles, several KV heads, one head per KV head.
+    case = make_case(rng, "bf16", 3, 2, h_q, h_kv, [140, 0, 20], causal=True)
+    out, lse = run(case)
+    check_outputs(out, lse, case, ml_dtypes.bfloat16)

@@ -110,6 +110,14 @@ def test_upstream_benchmark_shape(rng, device):
     check_outputs(to_numpy(out), to_numpy(lse), case, ml_dtypes.bfloat16)
 
 
+@pytest.mark.parametrize("h_q,h_kv", [(1, 1), (9, 3), (63, 1), (126, 2), (8, 8)])
+def test_upstream_head_grid(rng, device, h_q, h_kv):
+    # Head counts of upstream's correctness grid: partial 64-row tiles, several KV heads, one head per KV head.
+    case = make_case(rng, "bf16", 3, 2, h_q, h_kv, [140, 0, 4096], causal=True)
+    out, lse = decode(case, device)
+    check_outputs(to_numpy(out), to_numpy(lse), case, ml_dtypes.bfloat16)
+
+
 def test_requires_grad_inputs(rng, device):
     case = make_case(rng, "bf16", 2, 1, 8, 1, [65, 3])
     (q, k, bt, sl), _, _ = torch_case(case, device)
