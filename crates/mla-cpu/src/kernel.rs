@@ -13,8 +13,8 @@
 //!  combine (request with ≥ 2 splits, KV head g): splitkv::combine_weights, out = Σ_s w_s · O_s in split order
 //! ```
 //!
-//! For e4m3 the kernels work on the e4m3 values themselves; `descale_q·descale_k` is folded into the score scale and
-//! `descale_k` into the final `1/l`.
+//! For e4m3 the kernels work on the e4m3 values themselves (K/V in units of 2⁻⁸, see `simd`); `descale_q·descale_k`
+//! (and 2⁸) is folded into the score scale and `descale_k` (and 2⁸) into the final `1/l`.
 
 use mla_core::dtype::{f32_to_bf16, f32_to_f16};
 use mla_core::scheduler::{BLOCK_SIZE_N, WorkItem};
@@ -60,7 +60,8 @@ pub(crate) fn run(args: &DecodeArgs, prob: &DecodeProblem, prep: &Prepared, isa:
     let ws = ws.0;
     let (dq, dk) = prep.descale;
     let (score_scale, out_scale) = match prob.shape.dtype {
-        DType::E4M3 => (prob.softmax_scale * dq * dk, dk),
+        // K/V elements are widened in units of E4M3_KV_UNIT (2^-8): scale back by the exact power of two.
+        DType::E4M3 => (prob.softmax_scale * dq * dk / simd::E4M3_KV_UNIT, dk / simd::E4M3_KV_UNIT),
         _ => (prob.softmax_scale, 1.0),
     };
     let ctx = Ctx {
@@ -131,17 +132,30 @@ fn attend(ctx: &Ctx, item: &WorkItem, g: usize) {
     let mut row_max = vec![f32::NEG_INFINITY; m];
     let mut row_sum = vec![0f32; m];
     let mut factor = vec![1f32; m];
-    let mut keys: Vec<*const u8> = Vec::with_capacity(BLOCK_SIZE_N);
     let pages = &ctx.prep.pages[i];
     let kc = &ctx.args.k_cache;
+    let block_keys = |blk: usize, keys: &mut Vec<*const u8>| {
+        keys.clear();
+        for j in blk * BLOCK_SIZE_N..((blk + 1) * BLOCK_SIZE_N).min(s_k) {
+            let page = pages[j / prob.page_size] as usize;
+            keys.push(elem_addr(kc, &[page, j % prob.page_size, g, 0]).0 as *const u8);
+        }
+    };
+    let row_bytes = HEAD_DIM_K * dt.size_bytes();
+    let mut keys: Vec<*const u8> = Vec::with_capacity(BLOCK_SIZE_N);
+    let mut next: Vec<*const u8> = Vec::with_capacity(BLOCK_SIZE_N);
+    if item.begin_block < item.end_block {
+        block_keys(item.begin_block, &mut next);
+        simd::prefetch_rows(&next, row_bytes);
+    }
 
     for blk in item.begin_block..item.end_block {
         let j0 = blk * BLOCK_SIZE_N;
-        let j1 = (j0 + BLOCK_SIZE_N).min(s_k);
-        keys.clear();
-        for j in j0..j1 {
-            let page = pages[j / prob.page_size] as usize;
-            keys.push(elem_addr(kc, &[page, j % prob.page_size, g, 0]).0);
+        std::mem::swap(&mut keys, &mut next);
+        if blk + 1 < item.end_block {
+            // Start the next block's loads now: the hardware prefetcher alone leaves a single core latency-bound.
+            block_keys(blk + 1, &mut next);
+            simd::prefetch_rows(&next, row_bytes);
         }
         let n = keys.len();
         // SAFETY: every key pointer addresses a validated page (prepare), row < page_size and head g < h_kv: 576

@@ -136,15 +136,15 @@ impl Rng {
         z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
         z ^ (z >> 31)
     }
-    fn uniform(&mut self) -> f64 {
-        (self.next() >> 11) as f64 / (1u64 << 53) as f64
-    }
     fn below(&mut self, n: usize) -> usize {
         (self.next() % n.max(1) as u64) as usize
     }
+    /// Approximately standard normal: a centred sum of four uniforms (Irwin–Hall), cheap enough to fill
+    /// gigabyte caches quickly; the tails end at ±3.46σ.
     fn normal(&mut self) -> f64 {
-        let u = self.uniform().max(1e-300);
-        (-2.0 * u.ln()).sqrt() * (2.0 * std::f64::consts::PI * self.uniform()).cos()
+        let x = self.next();
+        let u = |k: u32| ((x >> (16 * k)) & 0xFFFF) as f64 / 65536.0;
+        (u(0) + u(1) + u(2) + u(3) - 2.0) * 3f64.sqrt()
     }
 }
 

@@ -11,8 +11,11 @@
 //! the instruction set.
 //!
 //! Cache elements are widened in registers, never copied: bf16 by a 16-bit shift, fp16 by `vcvtph2ps` (exact),
-//! e4m3 by moving the 7 magnitude bits into an f32 exponent/mantissa and multiplying by 2¹²⁰ (exact for normals and
-//! subnormals; the NaN code is patched), cross-checked against the [`mla_core::dtype::E4M3_TO_F32`] table.
+//! e4m3 by a shift into fp16 bits and `vcvtph2ps`. That last step yields the e4m3 value times 2⁻⁸ (exactly, for
+//! normals and subnormals; the NaN code is patched), so for e4m3 the K/V elements are in units of
+//! [`E4M3_KV_UNIT`] in every path, scalar included, and the kernel folds 2⁸ back into its scales (a power of two:
+//! the results are the same bits as without the scaling, barring sub-2⁻¹²⁶ underflow). Cross-checked against the
+//! [`mla_core::dtype::E4M3_TO_F32`] table.
 
 use mla_core::dtype::{E4M3_TO_F32, bf16_to_f32, f16_to_f32};
 use mla_core::{DType, HEAD_DIM_K, HEAD_DIM_V};
@@ -60,6 +63,9 @@ impl Isa {
     }
 }
 
+/// e4m3 K/V elements are widened to `value · E4M3_KV_UNIT` (see the module docs).
+pub const E4M3_KV_UNIT: f32 = 1.0 / 256.0;
+
 /// Element encodings, as const-generic tags so that each kernel is compiled once per dtype.
 pub(crate) const DT_BF16: u8 = 0;
 pub(crate) const DT_F16: u8 = 1;
@@ -94,6 +100,17 @@ pub(crate) unsafe fn widen1<const DT: u8>(row: *const u8, i: usize) -> f32 {
     }
 }
 
+/// Widens K/V element `i` of a row as the kernels see it (scalar path): exact, e4m3 in units of [`E4M3_KV_UNIT`].
+///
+/// # Safety
+/// As [`widen1`].
+#[inline(always)]
+unsafe fn widen1_kv<const DT: u8>(row: *const u8, i: usize) -> f32 {
+    // SAFETY: forwarded from the caller.
+    let v = unsafe { widen1::<DT>(row, i) };
+    if DT == DT_E4M3 { v * E4M3_KV_UNIT } else { v }
+}
+
 /// Widens a row of `out.len()` elements into f32 (used for the few query rows only).
 ///
 /// # Safety
@@ -109,6 +126,23 @@ pub(crate) unsafe fn widen_row(dt: DType, row: *const u8, out: &mut [f32]) {
             }
         };
     }
+}
+
+/// Asks the memory system to start loading the first `bytes` bytes of every row into L2, so the next block's K/V
+/// rows stream in while this block computes. Pages are scattered (a permuted block table, page sizes down to 1),
+/// which the hardware prefetchers cannot follow. No effect on results; a no-op off x86-64.
+pub(crate) fn prefetch_rows(rows: &[*const u8], bytes: usize) {
+    #[cfg(target_arch = "x86_64")]
+    for &r in rows {
+        for off in (0..bytes).step_by(64) {
+            // SAFETY: prefetch never faults, whatever the address; `wrapping_add` keeps the arithmetic defined.
+            unsafe {
+                std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T1 }>(r.wrapping_add(off).cast())
+            };
+        }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = (rows, bytes);
 }
 
 /// The fixed reduction tree of the 8 lane accumulators.
@@ -179,7 +213,7 @@ unsafe fn qk_scalar<const DT: u8>(q: &[f32], m: usize, keys: &[*const u8], s: &m
                 for (l, a) in acc.iter_mut().enumerate() {
                     let i = c * LANES + l;
                     // SAFETY: i < 576 and the caller guarantees 576 readable elements.
-                    let kv = unsafe { widen1::<DT>(k, i) };
+                    let kv = unsafe { widen1_kv::<DT>(k, i) };
                     *a = qr[i].mul_add(kv, *a);
                 }
             }
@@ -199,7 +233,7 @@ unsafe fn pv_scalar<const DT: u8>(p: &[f32], m: usize, keys: &[*const u8], facto
             let pj = p[r * S_STRIDE + j];
             for (d, x) in or.iter_mut().enumerate() {
                 // SAFETY: d < 512 < 576, readable by the caller's guarantee.
-                let v = unsafe { widen1::<DT>(k, d) };
+                let v = unsafe { widen1_kv::<DT>(k, d) };
                 *x = pj.mul_add(v, *x);
             }
         }
@@ -208,9 +242,9 @@ unsafe fn pv_scalar<const DT: u8>(p: &[f32], m: usize, keys: &[*const u8], facto
 
 #[cfg(target_arch = "x86_64")]
 mod avx2 {
-    //! The AVX2 path. Register tiles: `qk` keeps 4 query rows × 3 keys of 8-lane accumulators (12 of the 16 ymm
-    //! registers), so each widened K chunk feeds 4 FMAs; `pv` keeps 4 rows × 16 output columns (8 registers) and
-    //! streams the block's V rows through them.
+    //! The AVX2 path. Register tiles: `qk` keeps up to 4 query rows × 3 keys of 8-lane accumulators (12 of the 16
+    //! ymm registers; 1 row × 8 keys when M is small), so each widened K chunk feeds up to 4 FMAs; `pv` keeps 4 rows
+    //! × 16 output columns (1 row × 64 columns when M is small) and streams the block's V rows through them.
 
     use std::arch::x86_64::*;
 
@@ -218,9 +252,7 @@ mod avx2 {
     use mla_core::DType;
 
     const QK_ROWS: usize = 4;
-    const QK_KEYS: usize = 3;
     const PV_ROWS: usize = 4;
-    const PV_COLS: usize = 16;
 
     /// Eight elements starting at `p`, widened to f32.
     ///
@@ -243,17 +275,13 @@ mod avx2 {
             _ => {
                 // SAFETY: 8 readable bytes (8 × e4m3); loadl reads exactly 8 bytes, unaligned.
                 let b = unsafe { _mm_loadl_epi64(p.cast()) };
-                let x = _mm256_cvtepu8_epi32(b);
-                let em = _mm256_and_si256(x, _mm256_set1_epi32(0x7F));
-                let sign = _mm256_slli_epi32::<24>(_mm256_and_si256(x, _mm256_set1_epi32(0x80)));
-                // E4M3 exponent bias 7, f32 bias 127: placing the 7 bits at bit 20 and scaling by 2^120 is exact.
-                let mag = _mm256_mul_ps(
-                    _mm256_castsi256_ps(_mm256_slli_epi32::<20>(em)),
-                    _mm256_set1_ps(f32::from_bits((127 + 120) << 23)),
-                );
-                let nan = _mm256_cmpeq_epi32(em, _mm256_set1_epi32(0x7F));
-                let bits = _mm256_or_si256(_mm256_or_si256(_mm256_castps_si256(mag), nan), sign);
-                _mm256_castsi256_ps(bits)
+                // Sign-extend each code to 16 bits and shift by 7: the 7 magnitude bits land on the fp16 exponent and
+                // mantissa (value · 2^-8, subnormals included), the sign on bit 15; bit 14 (set only by the sign
+                // extension of negative codes) is cleared.
+                let y = _mm_and_si128(_mm_slli_epi16::<7>(_mm_cvtepi8_epi16(b)), _mm_set1_epi16(0xBFFF_u16 as i16));
+                // The NaN code (magnitude 0x7F) would read as 1.875·2^-8·2^8: turn it into an fp16 NaN.
+                let nan = _mm_cmpeq_epi16(_mm_and_si128(y, _mm_set1_epi16(0x7FFF)), _mm_set1_epi16(0x3F80));
+                _mm256_cvtph_ps(_mm_or_si128(y, nan))
             }
         }
     }
@@ -299,6 +327,17 @@ mod avx2 {
         }
     }
 
+    /// Keys per `qk` tile for a tile of `rows` query rows: at most 12 accumulators, fewer rows → more keys, so
+    /// that even a single query row keeps 8 independent FMA chains in flight.
+    const fn qk_keys(rows: usize) -> usize {
+        match rows {
+            1 => 8,
+            2 => 6,
+            3 => 4,
+            _ => 3,
+        }
+    }
+
     /// # Safety
     /// See [`super::qk`].
     #[target_feature(enable = "avx2,fma,f16c")]
@@ -310,24 +349,24 @@ mod avx2 {
             let qp = q[r0 * HEAD_DIM_K..].as_ptr();
             let mut j0 = 0;
             while j0 < n {
-                let cols = (n - j0).min(QK_KEYS);
+                let cols = (n - j0).min(qk_keys(rows));
                 let sp = s[r0 * S_STRIDE + j0..].as_mut_ptr();
                 let kk = &keys[j0..j0 + cols];
+                macro_rules! tiles {
+                    ($r:literal: $($c:literal)*) => {
+                        match cols {
+                            $($c => qk_tile::<DT, $r, $c>(qp, kk, sp),)*
+                            _ => unreachable!("cols <= qk_keys(rows)"),
+                        }
+                    };
+                }
                 // SAFETY: rows/cols bound the tile inside q, keys and s (asserted sizes in `super::qk`).
                 unsafe {
-                    match (rows, cols) {
-                        (4, 3) => qk_tile::<DT, 4, 3>(qp, kk, sp),
-                        (4, 2) => qk_tile::<DT, 4, 2>(qp, kk, sp),
-                        (4, 1) => qk_tile::<DT, 4, 1>(qp, kk, sp),
-                        (3, 3) => qk_tile::<DT, 3, 3>(qp, kk, sp),
-                        (3, 2) => qk_tile::<DT, 3, 2>(qp, kk, sp),
-                        (3, 1) => qk_tile::<DT, 3, 1>(qp, kk, sp),
-                        (2, 3) => qk_tile::<DT, 2, 3>(qp, kk, sp),
-                        (2, 2) => qk_tile::<DT, 2, 2>(qp, kk, sp),
-                        (2, 1) => qk_tile::<DT, 2, 1>(qp, kk, sp),
-                        (1, 3) => qk_tile::<DT, 1, 3>(qp, kk, sp),
-                        (1, 2) => qk_tile::<DT, 1, 2>(qp, kk, sp),
-                        _ => qk_tile::<DT, 1, 1>(qp, kk, sp),
+                    match rows {
+                        4 => tiles!(4: 1 2 3),
+                        3 => tiles!(3: 1 2 3 4),
+                        2 => tiles!(2: 1 2 3 4 5 6),
+                        _ => tiles!(1: 1 2 3 4 5 6 7 8),
                     }
                 }
                 j0 += cols;
@@ -349,14 +388,14 @@ mod avx2 {
         }
     }
 
-    /// `R` output rows × 16 columns starting at column `d0`.
+    /// `R` output rows × `8·W` columns starting at column `d0`.
     ///
     /// # Safety
     /// `o` points at `R` rows of 512 f32, `p` at `R` rows (stride `S_STRIDE`) of `keys.len()` floats, every key at
-    /// 512 readable elements, `f` at `R` floats.
+    /// 512 readable elements, `f` at `R` floats; `d0 + 8·W <= 512`.
     #[inline]
     #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn pv_tile<const DT: u8, const R: usize>(
+    unsafe fn pv_tile<const DT: u8, const R: usize, const W: usize>(
         p: *const f32,
         keys: &[*const u8],
         f: *const f32,
@@ -364,30 +403,34 @@ mod avx2 {
         d0: usize,
     ) {
         let e = elt_bytes(DT);
-        let mut acc = [[_mm256_setzero_ps(); 2]; R];
+        let mut acc = [[_mm256_setzero_ps(); W]; R];
         for (r, a) in acc.iter_mut().enumerate() {
-            // SAFETY: r < R rows of o and f; columns d0..d0+16 <= 512.
+            // SAFETY: r < R rows of o and f; columns d0..d0+8W <= 512.
             unsafe {
                 let fr = _mm256_set1_ps(*f.add(r));
-                a[0] = _mm256_mul_ps(_mm256_loadu_ps(o.add(r * HEAD_DIM_V + d0)), fr);
-                a[1] = _mm256_mul_ps(_mm256_loadu_ps(o.add(r * HEAD_DIM_V + d0 + 8)), fr);
+                for (w, x) in a.iter_mut().enumerate() {
+                    *x = _mm256_mul_ps(_mm256_loadu_ps(o.add(r * HEAD_DIM_V + d0 + 8 * w)), fr);
+                }
             }
         }
+        let mut v = [_mm256_setzero_ps(); W];
         for (j, &k) in keys.iter().enumerate() {
-            // SAFETY: columns d0..d0+16 of a V row of 512.
-            let (v0, v1) = unsafe { (widen8::<DT>(k.add(d0 * e)), widen8::<DT>(k.add((d0 + 8) * e))) };
+            for (w, x) in v.iter_mut().enumerate() {
+                // SAFETY: columns d0..d0+8W of a V row of 512.
+                *x = unsafe { widen8::<DT>(k.add((d0 + 8 * w) * e)) };
+            }
             for (r, a) in acc.iter_mut().enumerate() {
                 // SAFETY: p has R rows of at least keys.len() floats.
                 let pr = unsafe { _mm256_broadcast_ss(&*p.add(r * S_STRIDE + j)) };
-                a[0] = _mm256_fmadd_ps(pr, v0, a[0]);
-                a[1] = _mm256_fmadd_ps(pr, v1, a[1]);
+                for (x, vw) in a.iter_mut().zip(&v) {
+                    *x = _mm256_fmadd_ps(pr, *vw, *x);
+                }
             }
         }
         for (r, a) in acc.iter().enumerate() {
-            // SAFETY: as for the loads above.
-            unsafe {
-                _mm256_storeu_ps(o.add(r * HEAD_DIM_V + d0), a[0]);
-                _mm256_storeu_ps(o.add(r * HEAD_DIM_V + d0 + 8), a[1]);
+            for (w, x) in a.iter().enumerate() {
+                // SAFETY: as for the loads above.
+                unsafe { _mm256_storeu_ps(o.add(r * HEAD_DIM_V + d0 + 8 * w), *x) };
             }
         }
     }
@@ -402,14 +445,20 @@ mod avx2 {
             let pp = p[r0 * S_STRIDE..].as_ptr();
             let fp = factor[r0..].as_ptr();
             let op = o[r0 * HEAD_DIM_V..].as_mut_ptr();
-            for d0 in (0..HEAD_DIM_V).step_by(PV_COLS) {
-                // SAFETY: rows bound the tile inside p, factor and o (asserted sizes in `super::pv`).
+            // Columns per tile: 8 (or 12) accumulators whatever the row count; every width divides 512.
+            let cols = match rows {
+                4 => 16,
+                3 | 2 => 32,
+                _ => 64,
+            };
+            for d0 in (0..HEAD_DIM_V).step_by(cols) {
+                // SAFETY: rows bound the tile inside p, factor and o (asserted sizes in `super::pv`); d0 + cols <= 512.
                 unsafe {
                     match rows {
-                        4 => pv_tile::<DT, 4>(pp, keys, fp, op, d0),
-                        3 => pv_tile::<DT, 3>(pp, keys, fp, op, d0),
-                        2 => pv_tile::<DT, 2>(pp, keys, fp, op, d0),
-                        _ => pv_tile::<DT, 1>(pp, keys, fp, op, d0),
+                        4 => pv_tile::<DT, 4, 2>(pp, keys, fp, op, d0),
+                        3 => pv_tile::<DT, 3, 4>(pp, keys, fp, op, d0),
+                        2 => pv_tile::<DT, 2, 4>(pp, keys, fp, op, d0),
+                        _ => pv_tile::<DT, 1, 8>(pp, keys, fp, op, d0),
                     }
                 }
             }
@@ -445,7 +494,7 @@ mod avx2 {
                 // SAFETY: AVX2 is available (checked above); `chunk` holds 8 bytes; `got` holds 8 floats.
                 unsafe { _mm256_storeu_ps(got.as_mut_ptr(), widen8::<DT_E4M3>(chunk.as_ptr())) };
                 for (g, &c) in got.iter().zip(chunk) {
-                    let want = mla_core::dtype::E4M3_TO_F32[c as usize];
+                    let want = mla_core::dtype::E4M3_TO_F32[c as usize] * super::super::E4M3_KV_UNIT;
                     assert!(g.to_bits() == want.to_bits() || (g.is_nan() && want.is_nan()), "code {c:#04x}: {g}");
                 }
             }
