@@ -221,10 +221,19 @@ def describe(func: str, name: str, obj: Any, hint: Optional[int] = None) -> Arg:
         if code is None:
             raise invalid(func, f"{name}.dtype", _expected_dtypes(name), _dtype_name(obj))
         # CUDA: we launch on PyTorch's current stream ourselves, so the producer must not synchronise (-1).
-        stream = -1 if export.device.type == "cuda" else None
         try:
-            b = _dlpack.borrow(export, stream=stream)
-        except (BufferError, RuntimeError, TypeError) as e:
+            if export.device.type == "cuda":
+                torch = _torch()
+                index = export.device.index
+                if index is not None and index != torch.cuda.current_device():
+                    # Recent PyTorch refuses to export a tensor of another device than the current one.
+                    with torch.cuda.device(index):
+                        b = _dlpack.borrow(export, stream=-1)
+                else:
+                    b = _dlpack.borrow(export, stream=-1)
+            else:
+                b = _dlpack.borrow(export)
+        except (BufferError, RuntimeError, TypeError, AssertionError) as e:
             raise invalid(func, name, "a tensor that can be exported through DLPack", f"{e}") from e
     elif is_numpy(obj):
         framework = "numpy"
