@@ -443,6 +443,12 @@ pub fn reference(p: &Problem) -> (Vec<f64>, Vec<f64>) {
     let mut lse = vec![0f64; b * c.h_q * c.s_q];
     for i in 0..b {
         let s_k = c.seqlens[i].max(0) as usize;
+        // The request's keys, dequantized once: kd[(j·h_kv + g)·576 + d].
+        let kd: Vec<f64> = (0..s_k)
+            .flat_map(|j| (0..c.h_kv).flat_map(move |g| (0..HEAD_DIM_K).map(move |d| (j, g, d))))
+            .map(|(j, g, d)| p.k(i, j, g, d))
+            .collect();
+        let krow = |j: usize, g: usize| &kd[(j * c.h_kv + g) * HEAD_DIM_K..][..HEAD_DIM_K];
         for t in 0..c.s_q {
             let visible = if c.causal && c.s_q > 1 {
                 (s_k as i64 - c.s_q as i64 + t as i64 + 1).clamp(0, s_k as i64) as usize
@@ -457,16 +463,16 @@ pub fn reference(p: &Problem) -> (Vec<f64>, Vec<f64>) {
                     lse[li] = f64::INFINITY;
                     continue;
                 }
-                let scores: Vec<f64> = (0..visible)
-                    .map(|j| scale * (0..HEAD_DIM_K).map(|d| p.q(i, t, h, d) * p.k(i, j, g, d)).sum::<f64>())
-                    .collect();
+                let q: Vec<f64> = (0..HEAD_DIM_K).map(|d| p.q(i, t, h, d)).collect();
+                let scores: Vec<f64> =
+                    (0..visible).map(|j| scale * q.iter().zip(krow(j, g)).map(|(a, b)| a * b).sum::<f64>()).collect();
                 let m = scores.iter().copied().fold(f64::NEG_INFINITY, f64::max);
                 let z: f64 = scores.iter().map(|s| (s - m).exp()).sum();
                 lse[li] = m + z.ln();
                 for (j, s) in scores.iter().enumerate() {
                     let w = (s - m).exp() / z;
-                    for d in 0..HEAD_DIM_V {
-                        out[oi + d] += w * p.k(i, j, g, d);
+                    for (o, v) in out[oi..oi + HEAD_DIM_V].iter_mut().zip(krow(j, g)) {
+                        *o += w * v;
                     }
                 }
             }

@@ -156,3 +156,24 @@ fn randomized_sweep() {
         check(&c);
     }
 }
+
+#[test]
+fn the_check_itself_rejects_small_errors() {
+    // Guards the guard: a correct result passes, and a 3-ulp error in one output, a wrong lse or a spurious NaN
+    // fail.
+    let mut c = Case::new(&[100, 0], 1, 2);
+    c.seed = 5;
+    let p = Problem::generate(&c);
+    let got = run_host(&CpuBackend::new(), &p).unwrap();
+    check_against_reference(&p, &got).unwrap();
+    let k = got.out.iter().position(|x| x.abs() > 1e-3).expect("a sizeable output");
+    let mut bad = got.clone();
+    bad.out[k] = half::bf16::from_bits(half::bf16::from_f32(bad.out[k]).to_bits() + 3).to_f32();
+    assert!(check_against_reference(&p, &bad).is_err());
+    let mut bad = got.clone();
+    bad.lse[0] += 1e-3;
+    assert!(check_against_reference(&p, &bad).is_err());
+    let mut bad = got.clone();
+    bad.lse[2] = f32::NAN; // request 1 is empty: +inf expected
+    assert!(check_against_reference(&p, &bad).is_err());
+}
