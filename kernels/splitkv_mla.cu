@@ -26,6 +26,7 @@ constexpr int WG_THREADS = 128;     // one warpgroup
 constexpr int CHUNK_BYTES = 8192;   // 64 rows x 128 bytes, one SW128 atom column
 constexpr int ROW_BYTES = 128;      // a swizzled tile row
 constexpr int SW128_SBO = 1024;     // 8 rows x 128 B: stride between 8-row groups
+constexpr int SW64_SBO = 512;       // 8 rows x 64 B (the e4m3 SW64 tail)
 constexpr int KMAJOR_LBO = 16;      // ignored for swizzled K-major operands
 constexpr int V_HALF_COLS = 256;    // output columns per warpgroup
 constexpr int V_CHUNKS = HEAD_DIM_V / 64;           // 16-bit V chunks (8)
@@ -45,8 +46,10 @@ template <>
 struct Traits<KIND_BF16> {
   using Out = __nv_bfloat16;
   static constexpr int ELEM_BYTES = 2;
-  static constexpr int CHUNKS = 9;          // 576 columns / 64
+  static constexpr int CHUNKS = 9;          // 576 columns / 64, all SW128
   static constexpr int COLS_PER_CHUNK = 64;
+  static constexpr int TAIL_BYTES = 0;      // no SW64 tail
+  static constexpr int NUM_BUFS = 2;        // 3 pages would not fit next to Q
   static constexpr bool FP8 = false;
   static constexpr bool OUT_F16 = false;
 };
@@ -56,6 +59,8 @@ struct Traits<KIND_F16> {
   static constexpr int ELEM_BYTES = 2;
   static constexpr int CHUNKS = 9;
   static constexpr int COLS_PER_CHUNK = 64;
+  static constexpr int TAIL_BYTES = 0;
+  static constexpr int NUM_BUFS = 2;
   static constexpr bool FP8 = false;
   static constexpr bool OUT_F16 = true;
 };
@@ -63,8 +68,10 @@ template <>
 struct Traits<KIND_E4M3> {
   using Out = __nv_bfloat16;
   static constexpr int ELEM_BYTES = 1;
-  static constexpr int CHUNKS = 5;          // 576 columns = 4 x 128 + 64; the 5th box is half out of bounds (zeros)
+  static constexpr int CHUNKS = 4;          // 576 columns = 4 SW128 chunks of 128 + a 64-column SW64 tail
   static constexpr int COLS_PER_CHUNK = 128;
+  static constexpr int TAIL_BYTES = 64 * 64;  // 64 rows x 64 bytes (the RoPE columns), SW64, own tensor map
+  static constexpr int NUM_BUFS = 3;        // 36 KiB pages: three fit, so two loads stay in flight
   static constexpr bool FP8 = true;
   static constexpr bool OUT_F16 = false;
 };
@@ -72,56 +79,73 @@ struct Traits<KIND_E4M3> {
 // Shared-memory plan (offsets from a 1024-aligned base).
 template <int KIND>
 struct Smem {
-  static constexpr int TILE = Traits<KIND>::CHUNKS * CHUNK_BYTES;  // one Q tile or one K page
+  static constexpr int TAIL = Traits<KIND>::CHUNKS * CHUNK_BYTES;        // offset of the SW64 tail in a tile
+  static constexpr int TILE = TAIL + Traits<KIND>::TAIL_BYTES;           // one Q tile or one K page
+  static constexpr int NB = Traits<KIND>::NUM_BUFS;
   static constexpr int Q = 0;
-  static constexpr int K0 = TILE;
-  static constexpr int K1 = 2 * TILE;
-  static constexpr int V = 3 * TILE;  // e4m3 only: f16 copy of the page's V
+  static constexpr int K0 = TILE;                                        // page buffer b at K0 + b·TILE
+  static constexpr int V = (1 + NB) * TILE;  // e4m3 only: f16 copy of the page's V
   static constexpr int V_BYTES = Traits<KIND>::FP8 ? V_CHUNKS * CHUNK_BYTES : 0;
   static constexpr int P = V + V_BYTES;                // 64 x 64 16-bit, K-major SW128
   static constexpr int SCALE = P + CHUNK_BYTES;        // 64 f32: per-row rescale of O for this page
   static constexpr int ROW_M = SCALE + BLOCK_M * 4;    // 64 f32: final running max (log2 domain)
   static constexpr int ROW_L = ROW_M + BLOCK_M * 4;    // 64 f32: final row sum
-  static constexpr int BARS = ROW_L + BLOCK_M * 4;     // 2 mbarriers (one per K buffer)
-  static constexpr int END = BARS + 16;
+  static constexpr int BARS = ROW_L + BLOCK_M * 4;     // one mbarrier per page buffer
+  static constexpr int END = BARS + 8 * NB;
   static constexpr int DYNAMIC_BYTES = END + 1024;     // + slack to align the base to 1024
 };
 static_assert(Smem<KIND_BF16>::DYNAMIC_BYTES <= 232448, "16-bit plan exceeds the 227 KiB opt-in limit");
 static_assert(Smem<KIND_E4M3>::DYNAMIC_BYTES <= 232448, "e4m3 plan exceeds the 227 KiB opt-in limit");
+static_assert(Smem<KIND_E4M3>::TILE % 1024 == 0 && Smem<KIND_E4M3>::TAIL % 512 == 0, "swizzle atoms need alignment");
+
+// SW64 tile of 64-byte rows: 16-byte vector j of `row` (the XOR takes row bits 1-2, see the primer §3).
+__device__ __forceinline__ uint32_t swz64(int row, int vec16) {
+  return static_cast<uint32_t>(row * 64 + ((vec16 ^ ((row >> 1) & 3)) << 4));
+}
 
 __device__ __forceinline__ uint32_t swz128(int row, int vec16) {
   return static_cast<uint32_t>(row * ROW_BYTES + ((vec16 ^ (row & 7)) << 4));
 }
 
 template <int KIND>
-__device__ __forceinline__ void issue_page_load(const CUtensorMap* tmap_k, uint32_t dst, uint32_t bar, int kv_head,
-                                                int page) {
+__device__ __forceinline__ void issue_page_load(const CUtensorMap* tmap_k, const CUtensorMap* tmap_tail, uint32_t dst,
+                                                uint32_t bar, int kv_head, int page) {
   using Tr = Traits<KIND>;
   mbar_arrive_expect_tx(bar, Smem<KIND>::TILE);
 #pragma unroll
   for (int c = 0; c < Tr::CHUNKS; ++c) {
     tma_load_4d(dst + c * CHUNK_BYTES, tmap_k, c * Tr::COLS_PER_CHUNK, kv_head, 0, page, bar);
   }
+  if constexpr (Tr::TAIL_BYTES > 0) {
+    tma_load_4d(dst + Smem<KIND>::TAIL, tmap_tail, Tr::CHUNKS * Tr::COLS_PER_CHUNK, kv_head, 0, page, bar);
+  }
 }
 
-// All 256 threads copy the 64 x 576 query tile into the swizzled K-major layout (zeros past the last row).
+// All 256 threads copy the 64 x 576 query tile into the swizzled K-major layout (zeros past the last row) with
+// cp.async, so all of a thread's 16-byte pieces are in flight at once (a load → store loop would serialise ~18
+// DRAM round trips per request: 7% of the kernel's stall samples in ncu before this).
 template <int KIND>
-__device__ __forceinline__ void load_q_tile(uint8_t* sq, const DecodeParams& p, int req, int kv_head, int tile_row0) {
+__device__ __forceinline__ void load_q_tile(uint32_t sq, const DecodeParams& p, int req, int kv_head, int tile_row0) {
   constexpr int VEC_PER_ROW = HEAD_DIM_K * Traits<KIND>::ELEM_BYTES / 16;
   const uint8_t* q = static_cast<const uint8_t*>(p.q);
   for (int idx = threadIdx.x; idx < BLOCK_M * VEC_PER_ROW; idx += NUM_THREADS) {
     const int row = idx / VEC_PER_ROW;
     const int v = idx % VEC_PER_ROW;
     const int rg = tile_row0 + row;
-    uint4 val = make_uint4(0, 0, 0, 0);
+    const uint8_t* src = q;
+    uint32_t bytes = 0;
     if (rg < p.q_seq_per_hk) {
       const int t = rg / p.heads_per_kv;
       const int h = kv_head * p.heads_per_kv + rg % p.heads_per_kv;
-      const int64_t off = (req * p.q_stride_b + t * p.q_stride_t + h * p.q_stride_h) * Traits<KIND>::ELEM_BYTES;
-      val = *reinterpret_cast<const uint4*>(q + off + v * 16);
+      src = q + (req * p.q_stride_b + t * p.q_stride_t + h * p.q_stride_h) * Traits<KIND>::ELEM_BYTES + v * 16;
+      bytes = 16;
     }
-    *reinterpret_cast<uint4*>(sq + (v / 8) * CHUNK_BYTES + swz128(row, v % 8)) = val;
+    const int sw128_vecs = Traits<KIND>::CHUNKS * 8;  // e4m3: the last 4 vectors (RoPE) go to the SW64 tail
+    const uint32_t dst = v < sw128_vecs ? (v / 8) * CHUNK_BYTES + swz128(row, v % 8)
+                                        : Smem<KIND>::TAIL + swz64(row, v - sw128_vecs);
+    cp_async_16(sq + dst, src, bytes);
   }
+  cp_async_wait_all();
 }
 
 // Issues S[64x64] = Q · Kᵀ for one page (WG0) as one wgmma group; the caller waits for it.
@@ -131,14 +155,18 @@ __device__ __forceinline__ void issue_qk(float (&s)[32], uint32_t sq, uint32_t s
   if constexpr (Traits<KIND>::FP8) {
 #pragma unroll
     for (int c = 0; c < Traits<KIND>::CHUNKS; ++c) {
-      // 32-column k-steps of 32 bytes; the last chunk holds only 64 real columns (2 steps).
-      constexpr int STEPS_FULL = 4, STEPS_TAIL = 2;
 #pragma unroll
-      for (int k = 0; k < (c + 1 < Traits<KIND>::CHUNKS ? STEPS_FULL : STEPS_TAIL); ++k) {
+      for (int k = 0; k < 4; ++k) {  // four 32-column k-steps of 32 bytes per 128-byte row
         const uint32_t off = c * CHUNK_BYTES + k * 32;
         wgmma_m64n64k32_ss_e4m3(s, make_smem_desc(sq + off, KMAJOR_LBO, SW128_SBO),
                                 make_smem_desc(sk + off, KMAJOR_LBO, SW128_SBO), (c | k) != 0);
       }
+    }
+#pragma unroll
+    for (int k = 0; k < 2; ++k) {  // the 64 RoPE columns: two k-steps in the SW64 tail
+      const uint32_t off = Smem<KIND>::TAIL + k * 32;
+      wgmma_m64n64k32_ss_e4m3(s, make_smem_desc_sw64(sq + off, KMAJOR_LBO, SW64_SBO),
+                              make_smem_desc_sw64(sk + off, KMAJOR_LBO, SW64_SBO), 1);
     }
   } else {
 #pragma unroll
@@ -241,7 +269,8 @@ __device__ __forceinline__ uint32_t pack_p(float lo, float hi) {
 }
 
 template <int KIND>
-__device__ __forceinline__ void splitkv_body(const CUtensorMap* tmap_k, const DecodeParams& p) {
+__device__ __forceinline__ void splitkv_body(const CUtensorMap* tmap_k, const CUtensorMap* tmap_tail,
+                                             const DecodeParams& p) {
   using Tr = Traits<KIND>;
   using Sm = Smem<KIND>;
   using Out = typename Tr::Out;
@@ -257,7 +286,7 @@ __device__ __forceinline__ void splitkv_body(const CUtensorMap* tmap_k, const De
   float* s_scale = reinterpret_cast<float*>(gbase + Sm::SCALE);
   float* s_row_m = reinterpret_cast<float*>(gbase + Sm::ROW_M);
   float* s_row_l = reinterpret_cast<float*>(gbase + Sm::ROW_L);
-  const uint32_t bar0 = base + Sm::BARS, bar1 = base + Sm::BARS + 8;  // full barrier of K buffer 0 / 1
+  const uint32_t bars = base + Sm::BARS;  // full barrier of page buffer b at bars + 8b
 
   const int tid = threadIdx.x;
   const int wg = tid / WG_THREADS;
@@ -275,10 +304,10 @@ __device__ __forceinline__ void splitkv_body(const CUtensorMap* tmap_k, const De
   const int first_block = md[2], last_end_block = md[3], first_split = md[4];
 
   if (tid == 0) {
-    mbar_init(bar0, 1);
-    mbar_init(bar1, 1);
+    for (int b = 0; b < Sm::NB; ++b) mbar_init(bars + 8 * b, 1);
     fence_mbar_init();
     tma_prefetch_desc(tmap_k);
+    if constexpr (Tr::TAIL_BYTES > 0) tma_prefetch_desc(tmap_tail);
   }
   __syncthreads();
 
@@ -293,7 +322,6 @@ __device__ __forceinline__ void splitkv_body(const CUtensorMap* tmap_k, const De
   const int tile_row0 = m_block * BLOCK_M;
   const int rows_in_tile = min(BLOCK_M, p.q_seq_per_hk - tile_row0);
   const uint32_t sq = base + Sm::Q;
-  const uint32_t sk0 = base + Sm::K0, sk1 = base + Sm::K1;
   const uint32_t sp = base + Sm::P;
   uint32_t phase = 0;  // bit b: parity of the next completion of K buffer b
 
@@ -317,10 +345,11 @@ __device__ __forceinline__ void splitkv_body(const CUtensorMap* tmap_k, const De
     const int32_t* bt = p.block_table + req * p.bt_stride_b;
 
     if (tid == 0) {
-      if (nblk > 0) issue_page_load<KIND>(tmap_k, sk0, bar0, kv_head, bt[blk_begin]);
-      if (nblk > 1) issue_page_load<KIND>(tmap_k, sk1, bar1, kv_head, bt[blk_begin + 1]);
+      for (int b = 0; b < min(nblk, Sm::NB); ++b) {
+        issue_page_load<KIND>(tmap_k, tmap_tail, base + Sm::K0 + b * Sm::TILE, bars + 8 * b, kv_head, bt[blk_begin + b]);
+      }
     }
-    load_q_tile<KIND>(gbase + Sm::Q, p, req, kv_head, tile_row0);
+    load_q_tile<KIND>(sq, p, req, kv_head, tile_row0);
     fence_proxy_async();
     __syncthreads();
 
@@ -340,18 +369,17 @@ __device__ __forceinline__ void splitkv_body(const CUtensorMap* tmap_k, const De
 
     // The warpgroups run decoupled, synchronised only by named barriers (no CTA-wide barrier per page):
     //   WG0: wait page i ─ Q·Kᵀ(i) ─ softmax(i) ─ SP_FREE(i−1) ─ sP(i) → P_READY ─ P·V_L(i) → L_DONE
-    //   WG1: (e4m3: convert V(i) → V_READY) ─ P_READY ─ P·V_R(i) ─ L_DONE ─ refill page i+2 ─ SP_FREE
+    //   WG1: (e4m3: convert V(i) → V_READY) ─ P_READY ─ P·V_R(i) ─ L_DONE ─ refill page i+NB ─ SP_FREE
     // so WG1's P·V_R(i) and WG0's Q·Kᵀ(i+1) share the tensor cores instead of running back to back.
     if (wg == 0) {
-      for (int i = 0; i < nblk; ++i) {
-        const int buf = i & 1;
+      for (int i = 0, buf = 0; i < nblk; ++i, buf = buf + 1 == Sm::NB ? 0 : buf + 1) {
         const int blk = blk_begin + i;
-        const uint32_t bar_buf = buf ? bar1 : bar0;
-        const uint32_t sk_buf = buf ? sk1 : sk0;
+        const uint32_t bar_buf = bars + 8 * buf;
+        const uint32_t sk_buf = base + Sm::K0 + buf * Sm::TILE;
         mbar_wait(bar_buf, (phase >> buf) & 1);
         phase ^= 1u << buf;
         const int valid = min(PAGE_TOKENS, s_k - blk * PAGE_TOKENS);
-        uint8_t* gk = gbase + (buf ? Sm::K1 : Sm::K0);
+        uint8_t* gk = gbase + Sm::K0 + buf * Sm::TILE;
         const uint32_t sv = Tr::FP8 ? base + Sm::V : sk_buf;
         float s[32];
 #pragma unroll
@@ -427,15 +455,14 @@ __device__ __forceinline__ void splitkv_body(const CUtensorMap* tmap_k, const De
         named_barrier_arrive(BAR_L_DONE, NUM_THREADS);
       }
     } else {
-      for (int i = 0; i < nblk; ++i) {
-        const int buf = i & 1;
+      for (int i = 0, buf = 0; i < nblk; ++i, buf = buf + 1 == Sm::NB ? 0 : buf + 1) {
         const int blk = blk_begin + i;
-        const uint32_t bar_buf = buf ? bar1 : bar0;
-        const uint32_t sk_buf = buf ? sk1 : sk0;
+        const uint32_t bar_buf = bars + 8 * buf;
+        const uint32_t sk_buf = base + Sm::K0 + buf * Sm::TILE;
         mbar_wait(bar_buf, (phase >> buf) & 1);
         phase ^= 1u << buf;
         const int valid = min(PAGE_TOKENS, s_k - blk * PAGE_TOKENS);
-        uint8_t* gk = gbase + (buf ? Sm::K1 : Sm::K0);
+        uint8_t* gk = gbase + Sm::K0 + buf * Sm::TILE;
         const uint32_t sv = Tr::FP8 ? base + Sm::V : sk_buf;
         if constexpr (Tr::FP8) {
           convert_v_e4m3(gk, gbase + Sm::V, valid, tw);  // WG0's P·V_L(i−1) finished: L_DONE of the last page
@@ -445,8 +472,8 @@ __device__ __forceinline__ void splitkv_body(const CUtensorMap* tmap_k, const De
         named_barrier_sync(BAR_P_READY, NUM_THREADS);
         if constexpr (Tr::FP8) {
           // e4m3: Q·Kᵀ(i) is done (before P_READY) and V(i) lives in sV, so the page buffer is free already.
-          if (tid == WG_THREADS && i + 2 < nblk) {
-            issue_page_load<KIND>(tmap_k, sk_buf, bar_buf, kv_head, bt[blk + 2]);
+          if (tid == WG_THREADS && i + Sm::NB < nblk) {
+            issue_page_load<KIND>(tmap_k, tmap_tail, sk_buf, bar_buf, kv_head, bt[blk + Sm::NB]);
           }
         }
         const float sc0 = s_scale[row_a], sc1 = s_scale[row_a + 8];
@@ -455,8 +482,8 @@ __device__ __forceinline__ void splitkv_body(const CUtensorMap* tmap_k, const De
         gemm_pv_ss<KIND>(o, sp, sv + V_HALF_BYTES);
         named_barrier_sync(BAR_L_DONE, NUM_THREADS);  // both halves of P·V(i) are complete
         if constexpr (!Tr::FP8) {
-          if (tid == WG_THREADS && i + 2 < nblk) {
-            issue_page_load<KIND>(tmap_k, sk_buf, bar_buf, kv_head, bt[blk + 2]);
+          if (tid == WG_THREADS && i + Sm::NB < nblk) {
+            issue_page_load<KIND>(tmap_k, tmap_tail, sk_buf, bar_buf, kv_head, bt[blk + Sm::NB]);
           }
         }
         // The last page's sP is protected by the end-of-request __syncthreads instead (WG0 never waits for it).
@@ -519,17 +546,14 @@ __device__ __forceinline__ void splitkv_body(const CUtensorMap* tmap_k, const De
 
 }  // namespace mla
 
-extern "C" __global__ void __launch_bounds__(mla::NUM_THREADS, 1)
-    mla_splitkv_bf16(const __grid_constant__ CUtensorMap tmap_k, const __grid_constant__ mla::DecodeParams p) {
-  mla::splitkv_body<mla::KIND_BF16>(&tmap_k, p);
-}
+#define MLA_SPLITKV_ENTRY(name, kind)                                                                          \
+  extern "C" __global__ void __launch_bounds__(mla::NUM_THREADS, 1)                                             \
+      name(const __grid_constant__ CUtensorMap tmap_k, const __grid_constant__ CUtensorMap tmap_tail,           \
+           const __grid_constant__ mla::DecodeParams p) {                                                       \
+    mla::splitkv_body<kind>(&tmap_k, &tmap_tail, p);                                                            \
+  }
 
-extern "C" __global__ void __launch_bounds__(mla::NUM_THREADS, 1)
-    mla_splitkv_f16(const __grid_constant__ CUtensorMap tmap_k, const __grid_constant__ mla::DecodeParams p) {
-  mla::splitkv_body<mla::KIND_F16>(&tmap_k, p);
-}
-
-extern "C" __global__ void __launch_bounds__(mla::NUM_THREADS, 1)
-    mla_splitkv_e4m3(const __grid_constant__ CUtensorMap tmap_k, const __grid_constant__ mla::DecodeParams p) {
-  mla::splitkv_body<mla::KIND_E4M3>(&tmap_k, p);
-}
+// tmap_tail: e4m3 only (the 64 RoPE columns, SW64 boxes); the 16-bit kernels ignore it.
+MLA_SPLITKV_ENTRY(mla_splitkv_bf16, mla::KIND_BF16)
+MLA_SPLITKV_ENTRY(mla_splitkv_f16, mla::KIND_F16)
+MLA_SPLITKV_ENTRY(mla_splitkv_e4m3, mla::KIND_E4M3)

@@ -64,12 +64,15 @@ const SCHED_THREADS: u32 = 256;
 /// One SW128 tile chunk: 64 rows × 128 bytes.
 const CHUNK_BYTES: u32 = 8192;
 /// Shared memory of the split kernel (mirrors `Smem<KIND>::DYNAMIC_BYTES` in `kernels/splitkv_mla.cu`; the kernel
-/// traps if given less): Q + 2 K pages (+ e4m3: an f16 V tile) + P + 3 × 64 f32 + 2 mbarriers + 1024 alignment.
-const fn splitkv_smem_bytes(chunks: u32, fp8: bool) -> u32 {
-    3 * chunks * CHUNK_BYTES + if fp8 { 8 * CHUNK_BYTES } else { 0 } + CHUNK_BYTES + 3 * 64 * 4 + 16 + 1024
+/// traps if given less): Q tile + `bufs` page buffers (+ e4m3: an f16 V tile) + P + 3 × 64 f32 + one mbarrier per
+/// buffer + 1024 bytes to align the base.
+const fn splitkv_smem_bytes(tile: u32, bufs: u32, fp8: bool) -> u32 {
+    (1 + bufs) * tile + if fp8 { 8 * CHUNK_BYTES } else { 0 } + CHUNK_BYTES + 3 * 64 * 4 + 8 * bufs + 1024
 }
-const SMEM_16BIT: u32 = splitkv_smem_bytes(9, false);
-const SMEM_E4M3: u32 = splitkv_smem_bytes(5, true);
+/// 16-bit: 9 SW128 chunks per tile, two page buffers.
+const SMEM_16BIT: u32 = splitkv_smem_bytes(9 * CHUNK_BYTES, 2, false);
+/// e4m3: 4 SW128 chunks + a 4 KiB SW64 tail per tile, three page buffers.
+const SMEM_E4M3: u32 = splitkv_smem_bytes(4 * CHUNK_BYTES + 4096, 3, true);
 /// The opt-in per-block shared-memory limit of sm_90.
 const SMEM_OPT_IN_LIMIT: u32 = 232_448;
 /// Largest batch whose lengths the scheduler stages in shared memory (else it reads them from global memory).
@@ -303,15 +306,21 @@ impl MlaBackend for HopperBackend {
         }
 
         let k = &args.k_cache;
-        let map = tma::encode_kv_map(&tma::KvGeometry {
+        let geometry = tma::KvGeometry {
             base: addr(k),
             elem_bytes: shape.dtype.size_bytes() as u64,
             num_blocks: prob.num_blocks as u64,
             page_size: prob.page_size as u64,
             h_kv: shape.h_kv as u64,
             strides: [k.strides[0], k.strides[1], k.strides[2]],
-        })
-        .map_err(Error::from)?;
+        };
+        let map = tma::encode_kv_map(&geometry, tma::KvBox::Main).map_err(Error::from)?;
+        // e4m3 reads the 64 RoPE columns through their own SW64 map; the 16-bit kernels ignore the argument.
+        let tail = if shape.dtype == DType::E4M3 {
+            tma::encode_kv_map(&geometry, tma::KvBox::E4m3Tail).map_err(Error::from)?
+        } else {
+            map
+        };
 
         let ws = workspace.ptr as u64;
         let (q, out, lse) = (&args.q, &args.out, &args.lse);
@@ -386,9 +395,10 @@ impl MlaBackend for HopperBackend {
         );
 
         self.bind()?;
-        let mut map = map;
+        let (mut map, mut tail) = (map, tail);
         let mut argv = [
             &mut map as *mut tma::TensorMap as *mut std::ffi::c_void,
+            &mut tail as *mut tma::TensorMap as *mut std::ffi::c_void,
             &mut p as *mut DecodeParams as *mut std::ffi::c_void,
         ];
         self.launch(split_fn, split_grid, SPLITKV_THREADS, smem, stream, &mut argv)?;

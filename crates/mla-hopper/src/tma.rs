@@ -2,13 +2,14 @@
 //!
 //! | dim (innermost first) | extent | stride (bytes) | box |
 //! |---|---|---|---|
-//! | 0: column | 576 | 1 element | 64 (16-bit) / 128 (e4m3): 128 bytes, one SW128 row |
+//! | 0: column | 576 | 1 element | 64 (16-bit) / 128 (e4m3): 128 bytes, one SW128 row; e4m3 tail map: 64, SW64 |
 //! | 1: kv head | h_kv | `k_cache.strides[2]` | 1 |
 //! | 2: token in page | 64 | `k_cache.strides[1]` | 64 |
 //! | 3: page | num_blocks | `k_cache.strides[0]` | 1 |
 //!
-//! A page of one KV head is 9 boxes (e4m3: 5, the last half out of bounds, which TMA fills with zeros). Page ids
-//! outside `[0, num_blocks)` are out of bounds too, so a garbage id can never fault.
+//! A page of one KV head is 9 boxes (e4m3: 4 SW128 boxes of 128 columns plus one SW64 box of the 64 RoPE columns
+//! from a second map). Page ids outside `[0, num_blocks)` are out of bounds, which TMA fills with zeros, so a
+//! garbage id can never fault.
 
 use cudarc::driver::sys;
 
@@ -33,13 +34,34 @@ pub(crate) struct KvGeometry {
     pub strides: [i64; 3],
 }
 
-/// Encodes the K map. Strides of unit dimensions are irrelevant to TMA but must still be valid, so they are
+/// Which boxes a map serves.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub(crate) enum KvBox {
+    /// 128-byte rows, 128-byte swizzle (16-bit: 64 columns; e4m3: 128 columns).
+    Main,
+    /// e4m3 only: the 64 RoPE columns as 64-byte rows, 64-byte swizzle.
+    E4m3Tail,
+}
+
+/// Encodes a K map. Strides of unit dimensions are irrelevant to TMA but must still be valid, so they are
 /// replaced by a legal value.
-pub(crate) fn encode_kv_map(g: &KvGeometry) -> Result<TensorMap, HopperError> {
-    let (cols_per_box, dtype) = if g.elem_bytes == 1 {
-        (128u32, sys::CUtensorMapDataType::CU_TENSOR_MAP_DATA_TYPE_UINT8)
-    } else {
-        (64u32, sys::CUtensorMapDataType::CU_TENSOR_MAP_DATA_TYPE_UINT16)
+pub(crate) fn encode_kv_map(g: &KvGeometry, which: KvBox) -> Result<TensorMap, HopperError> {
+    let (cols_per_box, dtype, swizzle) = match (g.elem_bytes, which) {
+        (1, KvBox::Main) => (
+            128u32,
+            sys::CUtensorMapDataType::CU_TENSOR_MAP_DATA_TYPE_UINT8,
+            sys::CUtensorMapSwizzle::CU_TENSOR_MAP_SWIZZLE_128B,
+        ),
+        (1, KvBox::E4m3Tail) => (
+            64u32,
+            sys::CUtensorMapDataType::CU_TENSOR_MAP_DATA_TYPE_UINT8,
+            sys::CUtensorMapSwizzle::CU_TENSOR_MAP_SWIZZLE_64B,
+        ),
+        _ => (
+            64u32,
+            sys::CUtensorMapDataType::CU_TENSOR_MAP_DATA_TYPE_UINT16,
+            sys::CUtensorMapSwizzle::CU_TENSOR_MAP_SWIZZLE_128B,
+        ),
     };
     let row_bytes = 576 * g.elem_bytes;
     let stride = |s: i64, extent: u64| if extent <= 1 { row_bytes } else { s as u64 * g.elem_bytes };
@@ -62,7 +84,7 @@ pub(crate) fn encode_kv_map(g: &KvGeometry) -> Result<TensorMap, HopperError> {
             boxes.as_ptr(),
             element_strides.as_ptr(),
             sys::CUtensorMapInterleave::CU_TENSOR_MAP_INTERLEAVE_NONE,
-            sys::CUtensorMapSwizzle::CU_TENSOR_MAP_SWIZZLE_128B,
+            swizzle,
             sys::CUtensorMapL2promotion::CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
             sys::CUtensorMapFloatOOBfill::CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE,
         )
