@@ -93,6 +93,10 @@ pub struct flashmla_capabilities {
     pub page_sizes: [i32; FLASHMLA_MAX_PAGE_SIZES],
 }
 
+// The layout bindings rely on (see tests/c/abi_test.c); a change here is an ABI version bump.
+const _: () = assert!(std::mem::size_of::<flashmla_capabilities>() == 152);
+const _: () = assert!(std::mem::offset_of!(flashmla_capabilities, page_sizes) == 84);
+
 /// Borrows the handle behind a C pointer.
 ///
 /// # Safety

@@ -111,6 +111,10 @@ pub struct flashmla_tensor {
     pub strides: [i64; FLASHMLA_MAX_NDIM],
 }
 
+// The layout bindings rely on (ctypes in python/flashmla/_lib.py, the static asserts of tests/c/abi_test.c).
+const _: () = assert!(std::mem::size_of::<flashmla_tensor>() == 88);
+const _: () = assert!(std::mem::offset_of!(flashmla_tensor, shape) == 24);
+
 impl flashmla_tensor {
     /// The descriptor of a core tensor (for Rust callers and tests).
     pub fn from_desc(d: &TensorDesc) -> Self {
