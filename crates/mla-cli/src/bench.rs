@@ -7,7 +7,9 @@
 //! | `mem` | h_q = h_kv = 16 (M = s_q), s_q ∈ {1, 2}, b = 16, s_k = 256 | memory-bound rows, to compare against the copy bandwidth |
 //!
 //! FLOPs = `2·s_q·Σs_k·h_q·(576+512)`; bytes = `elt·(Σs_k·h_kv·576 + b·s_q·h_q·576) + out_elt·b·s_q·h_q·512`.
-//! A row is memory-bound when FLOPs/bytes is below the measured ridge (FMA peak / copy bandwidth).
+//! A row is memory-bound when FLOPs/bytes is below the measured ridge (FMA peak / copy bandwidth). The ceilings are
+//! measured once up front (about a second) and again, briefly, before every row: on a shared machine the load
+//! changes from one row to the next, and each row's percentages are against the ceilings measured next to it.
 
 use std::fmt::Write as _;
 use std::path::Path;
@@ -30,6 +32,8 @@ struct Config {
 /// One measured configuration.
 struct Row {
     cfg: Config,
+    /// Ceilings re-measured just before this row (CPU backend).
+    ceil: Option<Ceilings>,
     total_seqlen: u64,
     median_s: f64,
     best_s: f64,
@@ -111,12 +115,13 @@ fn write_json(path: &str, device: &str, backend: &str, ceil: Option<Ceilings>, r
     for (k, r) in rows.iter().enumerate() {
         let sp = &r.cfg.spec;
         let pct = |x: f64, of: Option<f64>| of.map_or("null".into(), |o| format!("{:.1}", 100.0 * x / o));
+        let num = |of: Option<f64>| of.map_or("null".into(), |o| format!("{o:.2}"));
         let _ = write!(
             s,
             "{}\n    {{\"grid\": \"{}\", \"dtype\": \"{}\", \"batch\": {}, \"s_q\": {}, \"h_q\": {}, \"h_kv\": {}, \
              \"mean_seqlen\": {}, \"total_seqlen\": {}, \"varlen\": {}, \"causal\": {}, \"iters\": {}, \
-             \"median_ms\": {:.4}, \"best_ms\": {:.4}, \"gbs\": {:.2}, \"gflops\": {:.2}, \"pct_copy_bw\": {}, \
-             \"pct_fma_peak\": {}}}",
+             \"median_ms\": {:.4}, \"best_ms\": {:.4}, \"gbs\": {:.2}, \"gflops\": {:.2}, \"copy_gbs\": {}, \
+             \"fma_gflops\": {}, \"pct_copy_bw\": {}, \"pct_fma_peak\": {}}}",
             if k == 0 { "" } else { "," },
             r.cfg.grid,
             sp.dtype,
@@ -133,8 +138,10 @@ fn write_json(path: &str, device: &str, backend: &str, ceil: Option<Ceilings>, r
             r.best_s * 1e3,
             r.gbs,
             r.gflops,
-            pct(r.gbs, ceil.map(|c| c.copy_gbs)),
-            pct(r.gflops, ceil.map(|c| c.fma_gflops)),
+            num(r.ceil.map(|c| c.copy_gbs)),
+            num(r.ceil.map(|c| c.fma_gflops)),
+            pct(r.gbs, r.ceil.map(|c| c.copy_gbs)),
+            pct(r.gflops, r.ceil.map(|c| c.fma_gflops)),
         );
     }
     s.push_str("\n  ]\n}\n");
@@ -163,12 +170,13 @@ pub fn run(args: &Args) -> CliResult {
     };
     let device = backend.capabilities().device_name.clone();
     println!("backend: {} on {device}", backend.name());
+    let cpu = CpuBackend::with_options(CpuOptions { threads, isa: None })?;
     let ceil = if backend.name() == "cpu" && !no_ceilings {
-        let cpu = CpuBackend::with_options(CpuOptions { threads, isa: None })?;
         let c = roofline::measure(&cpu);
+        let read = cpu.install(|| roofline::read_bandwidth(256 << 20, 5));
         println!(
             "ceilings: copy {:.1} GB/s (STREAM-like, read + write), FMA peak {:.1} GFLOP/s ({} threads); ridge {:.1} \
-             FLOP/byte",
+             FLOP/byte; read-only sum {read:.1} GB/s (for reference)",
             c.copy_gbs,
             c.fma_gflops,
             c.threads,
@@ -178,16 +186,23 @@ pub fn run(args: &Args) -> CliResult {
     } else {
         None
     };
+    if ceil.is_some() {
+        println!(
+            "(copy and FMA are re-measured next to every row, the %s are against those: the load of a shared machine changes)"
+        );
+    }
     println!(
-        "{:<9} {:<5} {:>5} {:>4} {:>4} {:>3} {:>8} {:>10} {:>9} {:>9} {:>6} {:>6}  bound",
-        "grid", "dtype", "h_q", "h_kv", "s_q", "b", "Σs_k", "ms", "GB/s", "GFLOP/s", "%bw", "%fma"
+        "{:<9} {:<5} {:>5} {:>4} {:>4} {:>3} {:>8} {:>10} {:>9} {:>9} {:>6} {:>6} {:>7} {:>7}  bound",
+        "grid", "dtype", "h_q", "h_kv", "s_q", "b", "Σs_k", "ms", "GB/s", "GFLOP/s", "copy", "fma", "%copy", "%fma"
     );
     let mut rows = Vec::new();
     for cfg in configs {
         let p = HostProblem::random(&cfg.spec);
+        let local = ceil.map(|_| roofline::measure_quick(&cpu));
         let (_, timing) = exec::time_decode(backend.as_ref(), &p, min_iters.max(1), 1000, min_time)?;
         let t = timing.median();
         let row = Row {
+            ceil: local,
             total_seqlen: p.total_seqlen(),
             median_s: t,
             best_s: timing.min(),
@@ -196,20 +211,23 @@ pub fn run(args: &Args) -> CliResult {
             gflops: p.flops() / t / 1e9,
             cfg,
         };
-        let (bw, fma, bound) = match ceil {
+        let (copy, fma, pbw, pfma, bound) = match local {
             Some(c) => {
                 let intensity = p.flops() / p.bytes();
                 (
+                    format!("{:.1}", c.copy_gbs),
+                    format!("{:.1}", c.fma_gflops),
                     format!("{:.0}", 100.0 * row.gbs / c.copy_gbs),
                     format!("{:.0}", 100.0 * row.gflops / c.fma_gflops),
                     if intensity < c.fma_gflops / c.copy_gbs { "memory" } else { "compute" },
                 )
             }
-            None => ("-".into(), "-".into(), "-"),
+            None => ("-".into(), "-".into(), "-".into(), "-".into(), "-"),
         };
         let sp = &row.cfg.spec;
         println!(
-            "{:<9} {:<5} {:>5} {:>4} {:>4} {:>3} {:>8} {:>10.3} {:>9.1} {:>9.1} {:>6} {:>6}  {bound}",
+            "{:<9} {:<5} {:>5} {:>4} {:>4} {:>3} {:>8} {:>10.3} {:>9.1} {:>9.1} {copy:>6} {fma:>6} {pbw:>7} {pfma:>7}  \
+             {bound}",
             row.cfg.grid,
             sp.dtype.name(),
             sp.h_q,
@@ -220,8 +238,6 @@ pub fn run(args: &Args) -> CliResult {
             t * 1e3,
             row.gbs,
             row.gflops,
-            bw,
-            fma
         );
         rows.push(row);
     }

@@ -2,7 +2,7 @@
 //!
 //! | ceiling | how | counted |
 //! |---|---|---|
-//! | memory bandwidth | STREAM-like copy of a 256 MiB f32 array into another, split over the worker threads, best of 5 | bytes read + bytes written |
+//! | memory bandwidth | STREAM-like copy of a 256 MiB f32 array into another, split over the worker threads, best of 5 ([`measure`]; [`measure_quick`]: 96 MiB, best of 3) | bytes read + bytes written |
 //! | FMA peak | 12 independent 8-lane FMA chains per thread (AVX2), or `mul_add` chains on the scalar path | 2 flops per lane per FMA |
 
 use std::time::Instant;
@@ -22,11 +22,21 @@ pub struct Ceilings {
     pub threads: usize,
 }
 
-/// Measures both ceilings on `backend`'s thread pool and instruction set.
+/// Measures both ceilings on `backend`'s thread pool and instruction set (about a second).
 pub fn measure(backend: &CpuBackend) -> Ceilings {
     backend.install(|| Ceilings {
         copy_gbs: copy_bandwidth(256 << 20, 5),
-        fma_gflops: fma_peak(backend.isa()),
+        fma_gflops: fma_peak(backend.isa(), 20_000_000),
+        threads: rayon::current_num_threads(),
+    })
+}
+
+/// A shorter measurement (about a quarter second: 96 MiB copies, 3× the usual L3, and a shorter FMA loop), to
+/// re-measure next to every benchmark row on a machine whose load changes.
+pub fn measure_quick(backend: &CpuBackend) -> Ceilings {
+    backend.install(|| Ceilings {
+        copy_gbs: copy_bandwidth(96 << 20, 3),
+        fma_gflops: fma_peak(backend.isa(), 4_000_000),
         threads: rayon::current_num_threads(),
     })
 }
@@ -47,10 +57,38 @@ pub fn copy_bandwidth(bytes: usize, reps: usize) -> f64 {
     2.0 * (n * 4) as f64 / best / 1e9
 }
 
-/// Best-of-3 FMA throughput of every worker thread, GFLOP/s.
-pub fn fma_peak(isa: Isa) -> f64 {
+/// Best-of-`reps` parallel read bandwidth (a sum over `bytes` bytes of f32), GB/s. Not one of the reported ceilings:
+/// a diagnostic for read-dominated kernels such as decode.
+pub fn read_bandwidth(bytes: usize, reps: usize) -> f64 {
+    let n = bytes / 4;
+    let src: Vec<f32> = (0..n).into_par_iter().map(|i| (i % 7) as f32).collect();
+    let chunk = n.div_ceil(rayon::current_num_threads() * 4).max(1 << 14);
+    let mut best = f64::INFINITY;
+    for _ in 0..reps.max(1) {
+        let t = Instant::now();
+        let s: f32 = src
+            .par_chunks(chunk)
+            .map(|c| {
+                // 32 independent lanes: vectorisable without reassociation.
+                let mut acc = [0f32; 32];
+                for block in c.chunks_exact(32) {
+                    for (a, x) in acc.iter_mut().zip(block) {
+                        *a += x;
+                    }
+                }
+                acc.iter().sum::<f32>()
+            })
+            .sum();
+        std::hint::black_box(s);
+        best = best.min(t.elapsed().as_secs_f64());
+    }
+    (n * 4) as f64 / best / 1e9
+}
+
+/// Best-of-3 FMA throughput of every worker thread over `iters` iterations of 12 FMAs, GFLOP/s.
+pub fn fma_peak(isa: Isa, iters: u64) -> f64 {
     let threads = rayon::current_num_threads();
-    let iters: u64 = if isa == Isa::Scalar { 2_000_000 } else { 20_000_000 };
+    let iters = if isa == Isa::Scalar { iters / 10 } else { iters };
     let mut best = f64::INFINITY;
     for _ in 0..3 {
         let t = Instant::now();
