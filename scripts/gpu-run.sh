@@ -4,14 +4,14 @@
 #   run(command: "scripts/gpu-run.sh", carry: ["gpu-bin"])
 #
 # Steps (each under a time limit, logs in $OUT): the GPU tests with FLASHMLA_REQUIRE_GPU=1 (a skip is a failure),
-# compute-sanitizer memcheck and racecheck on the reduced set (FLASHMLA_QUICK=1), then the bench. The last lines
-# printed are the summary. Pick steps with GPU_STEPS="tests memcheck racecheck bench" and bench flags with
-# BENCH_ARGS.
+# compute-sanitizer memcheck and racecheck on the reduced set (FLASHMLA_QUICK=1), the bench on upstream's grid and
+# the small-batch latencies (bench --small). The last lines printed are the summary. Pick steps with
+# GPU_STEPS="tests memcheck racecheck bench small" and bench flags with BENCH_ARGS / SMALL_ARGS.
 set -uo pipefail
 OUT="${OUT:-/tmp/flashmla-gpu}"
 mkdir -p "$OUT"
 BIN=gpu-bin
-STEPS="${GPU_STEPS:-tests memcheck racecheck bench}"
+STEPS="${GPU_STEPS:-tests memcheck racecheck bench small}"
 export FLASHMLA_REQUIRE_GPU=1
 nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem --format=csv,noheader | tee "$OUT/device.txt"
 declare -A RC
@@ -22,7 +22,8 @@ for step in $STEPS; do
         "$BIN/hopper-gpu-tests" --test-threads=1 --nocapture >"$OUT/memcheck.log" 2>&1 ;;
     racecheck) FLASHMLA_QUICK=1 timeout 200 compute-sanitizer --tool racecheck --error-exitcode 9 \
         "$BIN/hopper-gpu-tests" --test-threads=1 --nocapture decode_matches_reference >"$OUT/racecheck.log" 2>&1 ;;
-    bench) timeout 240 "$BIN/hopper-bench" ${BENCH_ARGS:-} >"$OUT/bench.log" 2>&1 ;;
+    bench) timeout 300 "$BIN/hopper-bench" ${BENCH_ARGS:-} >"$OUT/bench.log" 2>&1 ;;
+    small) timeout 120 "$BIN/hopper-bench" --small ${SMALL_ARGS:-} >"$OUT/small.log" 2>&1 ;;
   esac
   RC[$step]=$?
 done
@@ -33,6 +34,7 @@ for step in $STEPS; do
   case "$step" in
     tests) grep -E "^test |test result|FAIL|panicked|e4m3 worst|scheduler:|replay" "$log" | head -40 ;;
     memcheck|racecheck) grep -E "ERROR SUMMARY|RACECHECK SUMMARY|test result|Invalid|Race" "$log" | head -12 ;;
-    bench) grep -vE "^\s*$" "$log" | tail -80 ;;
+    bench) grep -vE "^\s*$" "$log" | tail -150 ;;
+    small) grep -vE "^\s*$" "$log" | tail -60 ;;
   esac
 done

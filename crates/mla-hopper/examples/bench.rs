@@ -5,9 +5,11 @@
 //!
 //! ```text
 //! bench [--dtypes bf16,fp16,e4m3] [--sk 4096,8192,16384] [--hq 16,32,64,128] [--sq 1,2] [--varlen fixed,varlen]
-//!       [--iters 30] [--sets 2]
+//!       [--iters 30] [--sets 2] [--small]
 //! ```
-//! BF16/FP16 run causal (as upstream's BF16 anchors), E4M3 non-causal (as upstream's FP8 anchors).
+//! BF16/FP16 run causal (as upstream's BF16 anchors), E4M3 non-causal (as upstream's FP8 anchors). `--small` times
+//! issue 6's small and imbalanced batches instead (b = 4 with lengths [4641, 45118, 1730, 1696], s_q = 4, h_q = 16;
+//! b = 1..8 with s_k = 1k..64k, h_q = 128).
 
 #[path = "../tests/common/mod.rs"]
 mod common;
@@ -149,6 +151,145 @@ fn copy_ceiling(gpu: &Gpu) -> f64 {
     2.0 * bytes as f64 / (ms * 1e-3) / 1e9
 }
 
+/// One small-batch configuration: allocates its own caches, returns (decode ms, scheduler ms, total splits).
+#[allow(clippy::too_many_arguments)]
+fn measure_small(
+    be: &HopperBackend,
+    gpu: &Gpu,
+    rng: &mut Rng,
+    dtype: DType,
+    seqlens: &[i32],
+    h_q: usize,
+    s_q: usize,
+    iters: usize,
+    sets: usize,
+    pattern: &[u8],
+) -> (f64, f64, usize) {
+    let b = seqlens.len();
+    let elt = dtype.size_bytes();
+    let blocks: Vec<usize> = seqlens.iter().map(|&s| (s as usize).div_ceil(PAGE)).collect();
+    let num_blocks: usize = blocks.iter().sum();
+    let max_blocks = *blocks.iter().max().unwrap();
+    let mut perm: Vec<i32> = (0..num_blocks as i32).collect();
+    for i in (1..num_blocks).rev() {
+        perm.swap(i, rng.below(i + 1));
+    }
+    let mut bt = vec![BT_GARBAGE; b * max_blocks];
+    let mut next = 0;
+    for (i, &nb) in blocks.iter().enumerate() {
+        for j in 0..nb {
+            bt[i * max_blocks + j] = perm[next];
+            next += 1;
+        }
+    }
+    let caches: Vec<Buf> = (0..sets).map(|_| gpu.filled(num_blocks * PAGE * D_K * elt, pattern)).collect();
+    let qs: Vec<Buf> = (0..sets).map(|_| gpu.filled(b * s_q * h_q * D_K * elt, pattern)).collect();
+    let bt_buf = gpu.upload(as_bytes(&bt));
+    let sl_buf = gpu.upload(as_bytes(seqlens));
+    let dq = gpu.upload(as_bytes(&[0.5f32]));
+    let dk = gpu.upload(as_bytes(&[0.25f32]));
+    let parts = be.num_sm_parts(s_q * h_q, 1);
+    let shape = mla_core::DecodeShape { batch: b, s_q, h_q, h_kv: 1, dtype };
+    let ws = gpu.filled(be.workspace_size(&shape).unwrap(), &[0]);
+    let out = gpu.filled(b * s_q * h_q * D_V * 2, &[0]);
+    let lse = gpu.filled(b * s_q * h_q * 4, &[0]);
+    let meta = gpu.filled(parts * 32, &[0]);
+    let splits = gpu.filled((b + 1) * 4, &[0]);
+    let i32t = mla_core::ScalarType::I32;
+    let md = mla_core::MetadataArgs {
+        cache_seqlens: desc(&sl_buf, i32t, &[b as i64], &[1]),
+        q_seq_per_hk: s_q * h_q,
+        h_kv: 1,
+        tile_scheduler_metadata: desc(&meta, i32t, &[parts as i64, 8], &[8, 1]),
+        num_splits: desc(&splits, i32t, &[b as i64 + 1], &[1]),
+    };
+    let sched_ms = time_ms(gpu, iters, |_| be.get_mla_metadata(&md, Stream::DEFAULT).unwrap());
+    let total_splits = *mla_core::scheduler::plan(seqlens, parts).unwrap().num_splits.last().unwrap() as usize;
+    let q_shape = [b as i64, s_q as i64, h_q as i64, D_K as i64];
+    let k_shape = [num_blocks as i64, PAGE as i64, 1, D_K as i64];
+    let o_shape = [b as i64, s_q as i64, h_q as i64, D_V as i64];
+    let l_shape = [b as i64, h_q as i64, s_q as i64];
+    let fp8 = dtype == DType::E4M3;
+    let all: Vec<mla_core::DecodeArgs> = (0..sets)
+        .map(|set| mla_core::DecodeArgs {
+            q: desc(&qs[set], dtype.scalar(), &q_shape, &contig(&q_shape)),
+            k_cache: desc(&caches[set], dtype.scalar(), &k_shape, &contig(&k_shape)),
+            block_table: desc(&bt_buf, i32t, &[b as i64, max_blocks as i64], &[max_blocks as i64, 1]),
+            cache_seqlens: md.cache_seqlens,
+            head_dim_v: D_V,
+            tile_scheduler_metadata: md.tile_scheduler_metadata,
+            num_splits: md.num_splits,
+            softmax_scale: None,
+            causal: !fp8,
+            descale_q: fp8.then(|| desc(&dq, mla_core::ScalarType::F32, &[1], &[1])),
+            descale_k: fp8.then(|| desc(&dk, mla_core::ScalarType::F32, &[1], &[1])),
+            out: desc(&out, dtype.out_dtype(), &o_shape, &contig(&o_shape)),
+            lse: desc(&lse, mla_core::ScalarType::F32, &l_shape, &contig(&l_shape)),
+        })
+        .collect();
+    let wsd = Workspace { ptr: ws.ptr as *mut std::ffi::c_void, bytes: ws.bytes };
+    let ms = time_ms(gpu, iters, |i| be.decode(&all[i % sets], wsd, Stream::DEFAULT).unwrap());
+    (ms, sched_ms, total_splits)
+}
+
+/// Small and imbalanced batches (issue 6): latency of the whole decode call.
+fn small_batches(be: &HopperBackend, gpu: &Gpu, rng: &mut Rng, dtypes: &[DType], iters: usize, sets: usize) {
+    println!("small batches: whole decode call (split + combine), median of {iters}");
+    println!(
+        "{:<5} {:>2} {:>3} {:>4} {:<28} {:>6} {:>9} {:>8} {:>8}",
+        "dtype", "b", "s_q", "h_q", "lengths", "splits", "us", "GB/s", "sched_us"
+    );
+    let mut configs: Vec<(Vec<i32>, usize, usize)> = vec![(vec![4641, 45118, 1730, 1696], 4, 16)];
+    for b in [1usize, 2, 4, 8] {
+        for s_k in [1024, 4096, 16384, 65536] {
+            configs.push((vec![s_k; b], 1, 128));
+        }
+    }
+    for &dtype in dtypes {
+        let pattern = random_pattern(rng, dtype);
+        for (seqlens, s_q, h_q) in &configs {
+            let (ms, sched, splits) = measure_small(be, gpu, rng, dtype, seqlens, *h_q, *s_q, iters, sets, &pattern);
+            let total: usize = seqlens.iter().map(|&s| s as usize).sum();
+            let elt = dtype.size_bytes();
+            let bytes =
+                (elt * (total * D_K + seqlens.len() * s_q * h_q * D_K) + 2 * seqlens.len() * s_q * h_q * D_V) as f64;
+            let lens = if seqlens.iter().all(|&s| s == seqlens[0]) {
+                format!("{} x {}", seqlens.len(), seqlens[0])
+            } else {
+                format!("{seqlens:?}")
+            };
+            println!(
+                "{:<5} {:>2} {:>3} {:>4} {:<28} {:>6} {:>9.1} {:>8.0} {:>8.1}",
+                dtype.name(),
+                seqlens.len(),
+                s_q,
+                h_q,
+                lens,
+                splits,
+                ms * 1e3,
+                bytes / (ms * 1e-3) / 1e9,
+                sched * 1e3
+            );
+        }
+    }
+}
+
+/// A 16 MiB random pattern in `dtype`, tiled over caches and queries (content only needs to be finite and
+/// non-trivial).
+fn random_pattern(rng: &mut Rng, dtype: DType) -> Vec<u8> {
+    let elt = dtype.size_bytes();
+    (0..(16usize << 20) / elt)
+        .flat_map(|_| {
+            let x = rng.normal() as f32;
+            match dtype {
+                DType::Bf16 => mla_core::dtype::f32_to_bf16(x).to_le_bytes().to_vec(),
+                DType::F16 => mla_core::dtype::f32_to_f16(x).to_le_bytes().to_vec(),
+                DType::E4M3 => vec![mla_core::dtype::f32_to_e4m3(x * 8.0)],
+            }
+        })
+        .collect()
+}
+
 fn main() {
     let args: Vec<String> = std::env::args().collect();
     let be = match HopperBackend::new(0) {
@@ -179,20 +320,14 @@ fn main() {
         "dtype", "s_k", "h_q", "s_q", "mode", "cau", "ms", "TFLOPS", "GB/s", "anchor", "ratio", "sched_us"
     );
     let mut rng = Rng::new(seed());
+    if args.iter().any(|a| a == "--small") {
+        small_batches(&be, &gpu, &mut rng, &dtypes, iters, sets);
+        return;
+    }
     for &dtype in &dtypes {
         let causal = dtype != DType::E4M3;
         let elt = dtype.size_bytes();
-        // A 16 MiB random pattern, tiled over every cache (content only needs to be finite and non-trivial).
-        let pattern: Vec<u8> = (0..(16usize << 20) / elt)
-            .flat_map(|_| {
-                let x = rng.normal() as f32;
-                match dtype {
-                    DType::Bf16 => mla_core::dtype::f32_to_bf16(x).to_le_bytes().to_vec(),
-                    DType::F16 => mla_core::dtype::f32_to_f16(x).to_le_bytes().to_vec(),
-                    DType::E4M3 => vec![mla_core::dtype::f32_to_e4m3(x * 8.0)],
-                }
-            })
-            .collect();
+        let pattern = random_pattern(&mut rng, dtype);
         for &s_k in &sks {
             for mode in &modes {
                 let varlen = mode == "varlen";
