@@ -141,26 +141,25 @@ fn attend(ctx: &Ctx, item: &WorkItem, g: usize) {
             keys.push(elem_addr(kc, &[page, j % prob.page_size, g, 0]).0 as *const u8);
         }
     };
-    let row_bytes = HEAD_DIM_K * dt.size_bytes();
     let mut keys: Vec<*const u8> = Vec::with_capacity(BLOCK_SIZE_N);
     let mut next: Vec<*const u8> = Vec::with_capacity(BLOCK_SIZE_N);
     if item.begin_block < item.end_block {
         block_keys(item.begin_block, &mut next);
-        simd::prefetch_rows(&next, row_bytes);
     }
 
     for blk in item.begin_block..item.end_block {
         let j0 = blk * BLOCK_SIZE_N;
         std::mem::swap(&mut keys, &mut next);
+        next.clear();
         if blk + 1 < item.end_block {
-            // Start the next block's loads now: the hardware prefetcher alone leaves a single core latency-bound.
+            // The next block's rows are prefetched while this block computes: pages are scattered, which the
+            // hardware prefetchers cannot follow, and a single core is otherwise latency-bound.
             block_keys(blk + 1, &mut next);
-            simd::prefetch_rows(&next, row_bytes);
         }
         let n = keys.len();
         // SAFETY: every key pointer addresses a validated page (prepare), row < page_size and head g < h_kv: 576
         // contiguous readable elements. Buffer sizes match m.
-        unsafe { simd::qk(ctx.isa, dt, &q, m, &keys, &mut s) };
+        unsafe { simd::qk(ctx.isa, dt, &q, m, &keys, &mut s, &next) };
         for r in 0..m {
             // Keys this row may see in the block: all, or up to s_k − s_q + t (bottom-right causal).
             let visible = if prob.causal {

@@ -153,13 +153,27 @@ fn tree8(a: [f32; LANES]) -> f32 {
     q[0] + q[1]
 }
 
-/// Scores of one block: `s[r·S_STRIDE + j] = q_r · k_j` (unscaled) for `r < m`, `j < keys.len()`.
+/// Scores of one block: `s[r·S_STRIDE + j] = q_r · k_j` (unscaled) for `r < m`, `j < keys.len()`. The rows of
+/// `prefetch` (the next block) are prefetched a few at a time between key tiles, so that their loads overlap this
+/// block's arithmetic instead of stalling in one burst.
 ///
 /// # Safety
 /// Every `keys[j]` points at a readable K row of 576 elements of dtype `dt`; `q.len() >= m·576`,
 /// `s.len() >= m·S_STRIDE`, `keys.len() <= S_STRIDE`.
-pub(crate) unsafe fn qk(isa: Isa, dt: DType, q: &[f32], m: usize, keys: &[*const u8], s: &mut [f32]) {
+pub(crate) unsafe fn qk(
+    isa: Isa,
+    dt: DType,
+    q: &[f32],
+    m: usize,
+    keys: &[*const u8],
+    s: &mut [f32],
+    prefetch: &[*const u8],
+) {
     assert!(q.len() >= m * HEAD_DIM_K && s.len() >= m * S_STRIDE && keys.len() <= S_STRIDE);
+    let row_bytes = HEAD_DIM_K * dt.size_bytes();
+    if isa == Isa::Scalar || keys.is_empty() {
+        prefetch_rows(prefetch, row_bytes);
+    }
     match isa {
         // SAFETY: forwarded from the caller.
         Isa::Scalar => unsafe {
@@ -172,7 +186,7 @@ pub(crate) unsafe fn qk(isa: Isa, dt: DType, q: &[f32], m: usize, keys: &[*const
         #[cfg(target_arch = "x86_64")]
         // SAFETY: an `Isa::Avx2` value only reaches here from a backend that checked `Isa::is_available` (see
         // `CpuBackend::with_options`); the pointer contract is forwarded from the caller.
-        Isa::Avx2 => unsafe { avx2::qk(dt, q, m, keys, s) },
+        Isa::Avx2 => unsafe { avx2::qk(dt, q, m, keys, s, prefetch) },
         #[cfg(not(target_arch = "x86_64"))]
         Isa::Avx2 => unreachable!("AVX2 is never selected off x86-64"),
     }
@@ -341,8 +355,11 @@ mod avx2 {
     /// # Safety
     /// See [`super::qk`].
     #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn qk_dt<const DT: u8>(q: &[f32], m: usize, keys: &[*const u8], s: &mut [f32]) {
+    unsafe fn qk_dt<const DT: u8>(q: &[f32], m: usize, keys: &[*const u8], s: &mut [f32], prefetch: &[*const u8]) {
         let n = keys.len();
+        let row_bytes = HEAD_DIM_K * elt_bytes(DT);
+        // During the first row tile, each key tile also prefetches its share of the next block.
+        let share = prefetch.len().div_ceil(n.max(1));
         let mut r0 = 0;
         while r0 < m {
             let rows = (m - r0).min(QK_ROWS);
@@ -352,6 +369,11 @@ mod avx2 {
                 let cols = (n - j0).min(qk_keys(rows));
                 let sp = s[r0 * S_STRIDE + j0..].as_mut_ptr();
                 let kk = &keys[j0..j0 + cols];
+                if r0 == 0 {
+                    let from = (j0 * share).min(prefetch.len());
+                    let to = ((j0 + cols) * share).min(prefetch.len());
+                    super::prefetch_rows(&prefetch[from..to], row_bytes);
+                }
                 macro_rules! tiles {
                     ($r:literal: $($c:literal)*) => {
                         match cols {
@@ -377,13 +399,13 @@ mod avx2 {
 
     /// # Safety
     /// The CPU supports AVX2, FMA and F16C; otherwise as [`super::qk`].
-    pub(super) unsafe fn qk(dt: DType, q: &[f32], m: usize, keys: &[*const u8], s: &mut [f32]) {
+    pub(super) unsafe fn qk(dt: DType, q: &[f32], m: usize, keys: &[*const u8], s: &mut [f32], prefetch: &[*const u8]) {
         // SAFETY: CPU features and pointer contract from the caller.
         unsafe {
             match dt_tag(dt) {
-                DT_BF16 => qk_dt::<DT_BF16>(q, m, keys, s),
-                DT_F16 => qk_dt::<DT_F16>(q, m, keys, s),
-                _ => qk_dt::<DT_E4M3>(q, m, keys, s),
+                DT_BF16 => qk_dt::<DT_BF16>(q, m, keys, s, prefetch),
+                DT_F16 => qk_dt::<DT_F16>(q, m, keys, s, prefetch),
+                _ => qk_dt::<DT_E4M3>(q, m, keys, s, prefetch),
             }
         }
     }
