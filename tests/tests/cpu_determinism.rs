@@ -13,9 +13,9 @@ fn run(p: &Problem, threads: usize, isa: Isa) -> Outputs {
 #[test]
 fn scalar_simd_and_thread_counts_agree_bitwise() {
     let best = Isa::detect();
-    // (h_q, h_kv, s_q): M = s_q·h_q/h_kv = 6, 1, 9 and 15 query rows per KV head, so every register-tile shape
-    // and remainder of the SIMD path is compared with the scalar path.
-    let shapes = [(6, 2, 2), (3, 3, 1), (9, 1, 1), (5, 1, 3)];
+    // (h_q, h_kv, s_q): M = s_q·h_q/h_kv = 6, 1, 9, 15, 5 and 16 query rows per KV head, so every register-tile
+    // shape (row tiles of 1 to 6) and key/column remainder of the SIMD path is compared with the scalar path.
+    let shapes = [(6, 2, 2), (3, 3, 1), (9, 1, 1), (5, 1, 3), (5, 1, 1), (8, 1, 2)];
     for (k, (dtype, (h_q, h_kv, s_q))) in DType::ALL.into_iter().flat_map(|d| shapes.map(|s| (d, s))).enumerate() {
         // A split request, causal rows, a zero length, page size 16.
         let mut c = Case::new(&[900, 0, 130], s_q, h_q);

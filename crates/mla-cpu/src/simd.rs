@@ -265,8 +265,8 @@ mod avx2 {
     use super::{DT_BF16, DT_E4M3, DT_F16, HEAD_DIM_K, HEAD_DIM_V, LANES, S_STRIDE, dt_tag, elt_bytes};
     use mla_core::DType;
 
-    const QK_ROWS: usize = 4;
-    const PV_ROWS: usize = 4;
+    const QK_ROWS: usize = 6;
+    const PV_ROWS: usize = 6;
 
     /// Eight elements starting at `p`, widened to f32.
     ///
@@ -348,7 +348,8 @@ mod avx2 {
             1 => 8,
             2 => 6,
             3 => 4,
-            _ => 3,
+            4 => 3,
+            _ => 2,
         }
     }
 
@@ -385,6 +386,8 @@ mod avx2 {
                 // SAFETY: rows/cols bound the tile inside q, keys and s (asserted sizes in `super::qk`).
                 unsafe {
                     match rows {
+                        6 => tiles!(6: 1 2),
+                        5 => tiles!(5: 1 2),
                         4 => tiles!(4: 1 2 3),
                         3 => tiles!(3: 1 2 3 4),
                         2 => tiles!(2: 1 2 3 4 5 6),
@@ -469,7 +472,7 @@ mod avx2 {
             let op = o[r0 * HEAD_DIM_V..].as_mut_ptr();
             // Columns per tile: 8 (or 12) accumulators whatever the row count; every width divides 512.
             let cols = match rows {
-                4 => 16,
+                4..=6 => 16,
                 3 | 2 => 32,
                 _ => 64,
             };
@@ -477,6 +480,8 @@ mod avx2 {
                 // SAFETY: rows bound the tile inside p, factor and o (asserted sizes in `super::pv`); d0 + cols <= 512.
                 unsafe {
                     match rows {
+                        6 => pv_tile::<DT, 6, 2>(pp, keys, fp, op, d0),
+                        5 => pv_tile::<DT, 5, 2>(pp, keys, fp, op, d0),
                         4 => pv_tile::<DT, 4, 2>(pp, keys, fp, op, d0),
                         3 => pv_tile::<DT, 3, 4>(pp, keys, fp, op, d0),
                         2 => pv_tile::<DT, 2, 4>(pp, keys, fp, op, d0),
