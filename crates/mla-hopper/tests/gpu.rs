@@ -7,7 +7,9 @@
 //! |---|---|
 //! | `scheduler_matches_host_plan` | device metadata/num_splits == `mla_core::scheduler::plan`, many length mixes |
 //! | `decode_matches_reference` | bf16/fp16/e4m3 over a sampled grid: out, lse, inf positions, unwritten outputs |
+//! | `decode_matches_cpu_backend` | the same inputs through `mla_cpu::CpuBackend`: GPU and CPU outputs agree |
 //! | `graph_capture_and_replay` | scheduler + decode captured once, replayed on new lengths |
+//! | `block_table_is_never_read_past_its_end` | lengths claiming more pages than the block table has columns |
 //! | `rejects_misaligned_inputs` | TMA/vector alignment violations are `InvalidArgument` naming the argument |
 
 mod common;
@@ -384,4 +386,161 @@ fn rejects_misaligned_inputs() {
     let small = Workspace { ptr: dp.workspace.ptr as *mut std::ffi::c_void, bytes: 16 };
     let e = be.decode(&dp.decode_args(&p), small, Stream::DEFAULT).unwrap_err();
     assert!(e.is_invalid_argument() && e.to_string().contains("workspace"), "{e}");
+}
+
+/// A host buffer with 8-byte alignment holding `bytes`, and a host descriptor over it.
+struct HostBuf(Vec<u64>);
+
+impl HostBuf {
+    fn from_bytes(bytes: &[u8]) -> HostBuf {
+        let mut v = vec![0u64; bytes.len().div_ceil(8).max(1)];
+        // SAFETY: `v` owns at least `bytes.len()` bytes; u64 has no invalid bit patterns.
+        unsafe { std::ptr::copy_nonoverlapping(bytes.as_ptr(), v.as_mut_ptr().cast::<u8>(), bytes.len()) };
+        HostBuf(v)
+    }
+    fn zeroed(bytes: usize) -> HostBuf {
+        HostBuf(vec![0u64; bytes.div_ceil(8).max(1)])
+    }
+    fn desc(&mut self, dtype: mla_core::ScalarType, shape: &[i64], strides: &[i64]) -> mla_core::TensorDesc {
+        mla_core::TensorDesc::new(self.0.as_mut_ptr().cast(), dtype, shape, strides, mla_core::Device::Host)
+            .expect("host descriptor")
+    }
+    fn bytes(&self) -> &[u8] {
+        as_bytes(&self.0)
+    }
+}
+
+/// Runs `p` through the CPU backend; returns (out bytes in `p.out_strides()` layout, lse bytes in `p.lse_strides()`).
+fn cpu_decode(cpu: &mla_cpu::CpuBackend, p: &Problem) -> (Vec<u8>, Vec<u8>) {
+    use mla_core::ScalarType::{F32, I32};
+    let parts = cpu.num_sm_parts(p.q_seq_per_hk(), p.h_kv);
+    let mut seqlens = HostBuf::from_bytes(as_bytes(&p.seqlens));
+    let mut meta = HostBuf::zeroed(parts * 32);
+    let mut splits = HostBuf::zeroed((p.b + 1) * 4);
+    let b = p.b as i64;
+    let md = mla_core::MetadataArgs {
+        cache_seqlens: seqlens.desc(I32, &[b], &[1]),
+        q_seq_per_hk: p.q_seq_per_hk(),
+        h_kv: p.h_kv,
+        tile_scheduler_metadata: meta.desc(I32, &[parts as i64, 8], &[8, 1]),
+        num_splits: splits.desc(I32, &[b + 1], &[1]),
+    };
+    cpu.get_mla_metadata(&md, Stream::DEFAULT).expect("cpu metadata");
+    let shape = mla_core::DecodeShape { batch: p.b, s_q: p.s_q, h_q: p.h_q, h_kv: p.h_kv, dtype: p.dtype };
+    let mut ws = HostBuf::zeroed(cpu.workspace_size(&shape).expect("cpu workspace"));
+    let (mut q, mut k) = (HostBuf::from_bytes(&p.q_bytes), HostBuf::from_bytes(&p.k_bytes));
+    let mut bt = HostBuf::from_bytes(as_bytes(&p.block_table));
+    let (mut dq, mut dk) =
+        (HostBuf::from_bytes(as_bytes(&[p.descale_q])), HostBuf::from_bytes(as_bytes(&[p.descale_k])));
+    let mut out = HostBuf::zeroed(p.out_elems() * 2);
+    let mut lse = HostBuf::zeroed(p.lse_elems() * 4);
+    let dt = p.dtype.scalar();
+    let q_shape = [b, p.s_q as i64, p.h_q as i64, D_K as i64];
+    let k_shape = [p.num_blocks as i64, PAGE as i64, p.h_kv as i64, D_K as i64];
+    let fp8 = p.dtype == DType::E4M3;
+    let args = mla_core::DecodeArgs {
+        q: q.desc(dt, &q_shape, &contig(&q_shape)),
+        k_cache: k.desc(dt, &k_shape, &contig(&k_shape)),
+        block_table: bt.desc(I32, &[b, p.max_blocks as i64], &[p.max_blocks as i64, 1]),
+        cache_seqlens: md.cache_seqlens,
+        head_dim_v: D_V,
+        tile_scheduler_metadata: md.tile_scheduler_metadata,
+        num_splits: md.num_splits,
+        softmax_scale: Some(p.softmax_scale),
+        causal: p.causal,
+        descale_q: fp8.then(|| dq.desc(F32, &[1], &[1])),
+        descale_k: fp8.then(|| dk.desc(F32, &[1], &[1])),
+        out: out.desc(p.dtype.out_dtype(), &[b, p.s_q as i64, p.h_q as i64, D_V as i64], &p.out_strides()),
+        lse: lse.desc(F32, &[b, p.h_q as i64, p.s_q as i64], &p.lse_strides()),
+    };
+    let work = Workspace { ptr: ws.0.as_mut_ptr().cast(), bytes: ws.0.len() * 8 };
+    cpu.decode(&args, work, Stream::DEFAULT).expect("cpu decode");
+    (out.bytes()[..p.out_elems() * 2].to_vec(), lse.bytes()[..p.lse_elems() * 4].to_vec())
+}
+
+#[test]
+fn decode_matches_cpu_backend() {
+    let Some((be, gpu)) = backend_or_skip("decode_matches_cpu_backend") else { return };
+    let cpu = mla_cpu::CpuBackend::new();
+    let seed = seed();
+    let mut rng = Rng::new(seed ^ 0xC9B);
+    let c =
+        |b, s_q, h_q, h_kv, causal, seqlens: Vec<i32>, strided| Case { b, s_q, h_q, h_kv, causal, seqlens, strided };
+    let cases = [
+        c(2, 2, 16, 1, true, vec![300, 0], false),
+        c(3, 1, 128, 1, false, vec![1000, 64, 1], true),
+        c(2, 4, 9, 3, true, vec![140, 65], false),
+        c(1, 1, 64, 8, false, vec![if quick() { 200 } else { 4096 }], false),
+    ];
+    for Case { b, s_q, h_q, h_kv, causal, seqlens: lens, strided } in cases {
+        for dtype in DType::ALL {
+            let p = Problem::random(&mut rng, dtype, b, s_q, h_q, h_kv, causal, lens.clone(), strided);
+            let dp = new_device_problem(&be, &gpu, &p);
+            run_metadata(&be, &gpu, &p, &dp);
+            be.decode(&dp.decode_args(&p), workspace(&dp), Stream::DEFAULT).expect("decode");
+            let (g_out, g_lse) = (gpu.download(&dp.out), gpu.download(&dp.lse));
+            let (c_out, c_lse) = cpu_decode(&cpu, &p);
+            // The CPU result, widened, is the reference of `compare` (it rounds the reference to the out dtype,
+            // which leaves these values unchanged).
+            let out_dt = if dtype == DType::F16 { DType::F16 } else { DType::Bf16 };
+            let (os, ls) = (p.out_strides(), p.lse_strides());
+            let mut ref_out = vec![0f64; b * s_q * h_q * D_V];
+            let mut ref_lse = vec![0f64; b * h_q * s_q];
+            for i in 0..b {
+                for t in 0..s_q {
+                    for h in 0..h_q {
+                        let base = (i as i64 * os[0] + t as i64 * os[1] + h as i64 * os[2]) as usize;
+                        for d in 0..D_V {
+                            let bits = u16::from_le_bytes([c_out[(base + d) * 2], c_out[(base + d) * 2 + 1]]);
+                            ref_out[((i * s_q + t) * h_q + h) * D_V + d] = bf16_or_f16_to_f32(out_dt, bits) as f64;
+                        }
+                        let l = (i as i64 * ls[0] + h as i64 * ls[1] + t as i64 * ls[2]) as usize * 4;
+                        ref_lse[(i * h_q + h) * s_q + t] =
+                            f32::from_le_bytes(c_lse[l..l + 4].try_into().unwrap()) as f64;
+                    }
+                }
+            }
+            let o = compare(&p, &g_out, &g_lse, &ref_out, &ref_lse);
+            let ok = if dtype == DType::E4M3 {
+                o.out_cos < 1e-2 && o.lse_cos < 1e-5 && o.lse_bad == 0
+            } else {
+                o.out_cos < 5e-6 && o.out_bad == 0 && o.lse_bad == 0
+            };
+            println!(
+                "gpu vs cpu {:<5} b={b} s_q={s_q} h_q={h_q} h_kv={h_kv} causal={causal} lens={lens:?}: out cos {:.2e}, max abs {:.2e}, lse max rel {:.2e} {}",
+                dtype.name(),
+                o.out_cos,
+                o.out_max_abs,
+                o.lse_max_rel,
+                if ok { "ok" } else { "FAIL" }
+            );
+            assert!(ok, "seed {seed}: GPU and CPU backends differ ({dtype}, lens {lens:?}): {:?}", o.first_bad);
+        }
+    }
+}
+
+#[test]
+fn block_table_is_never_read_past_its_end() {
+    let Some((be, gpu)) = backend_or_skip("block_table_is_never_read_past_its_end") else { return };
+    let mut rng = Rng::new(seed() ^ 0xB7);
+    for dtype in DType::ALL {
+        // Real data for 128 tokens (2 pages; the table has 3 columns, the last one garbage), but cache_seqlens
+        // claims 1000 tokens (16 pages). The table is uploaded at its exact size, so a read of column 3 or later
+        // is an out-of-bounds access that compute-sanitizer reports; the kernel clamps to the table instead.
+        let mut p = Problem::random(&mut rng, dtype, 1, 2, 16, 1, true, vec![128], false);
+        let mut dp = new_device_problem(&be, &gpu, &p);
+        dp.block_table = gpu.upload_exact(as_bytes(&p.block_table));
+        p.seqlens = vec![1000];
+        dp.seqlens = gpu.upload(as_bytes(&p.seqlens));
+        run_metadata(&be, &gpu, &p, &dp);
+        be.decode(&dp.decode_args(&p), workspace(&dp), Stream::DEFAULT).expect("decode");
+        let out = gpu.download(&dp.out);
+        let lse = gpu.download(&dp.lse);
+        let finite_out = out.chunks_exact(2).all(|c| {
+            let bits = u16::from_le_bytes([c[0], c[1]]);
+            bf16_or_f16_to_f32(if dtype == DType::F16 { DType::F16 } else { DType::Bf16 }, bits).is_finite()
+        });
+        let finite_lse = lse.chunks_exact(4).all(|c| f32::from_le_bytes(c.try_into().unwrap()).is_finite());
+        assert!(finite_out && finite_lse, "{dtype}: outputs must be finite (garbage pages read as zeros)");
+    }
 }

@@ -355,6 +355,13 @@ impl Gpu {
         self.wrap(slice, data.len())
     }
 
+    /// Copies `data` (non-empty) to a buffer of exactly its size, so compute-sanitizer flags any read past it.
+    pub fn upload_exact(&self, data: &[u8]) -> Buf {
+        assert!(!data.is_empty());
+        let slice = self.stream.clone_htod(data).expect("upload");
+        self.wrap(slice, data.len())
+    }
+
     /// A buffer filled with repetitions of `fill` (copied in 16 MiB pieces, so multi-GB caches stay cheap).
     pub fn filled(&self, bytes: usize, fill: &[u8]) -> Buf {
         const PIECE: usize = 16 << 20;
