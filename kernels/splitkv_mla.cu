@@ -2,9 +2,13 @@
 //
 // Two warpgroups share the 64 x 512 output tile by columns and walk the part's 64-token pages in order:
 //
-//   TMA (thread 0) ──► sK[buf] (page, 9 x 8 KiB SW128 chunks; e4m3: 5 chunks)     double buffered, 1 mbarrier each
+//   TMA ──► page buffer (16-bit: 9 x 8 KiB SW128 chunks, 2 buffers; e4m3: 4 SW128 chunks + 4 KiB SW64 RoPE tail,
+//           3 buffers), one transaction mbarrier per buffer; the Q tile comes in through cp.async per request
 //   WG0: S = Q·Kᵀ (wgmma SS) ─► mask, online softmax ─► P (registers + sP) ─► O[:, 0:256]  += P·V  (wgmma RS)
 //   WG1:                        (e4m3: V → f16 tile)    wait P ──────────────► O[:, 256:512] += sP·V (wgmma SS)
+//
+// The warpgroups synchronise only through named barriers (see the main loop), so WG1's P·V of page i overlaps
+// WG0's Q·Kᵀ of page i+1; WG1 refills a page buffer as soon as its last reader is done.
 //
 // V is the first 512 columns of the K page, read by wgmma as a transposed (MN-major) view of the same tile. For
 // e4m3 inputs the FP8 wgmma cannot transpose, so WG1 converts the page's V to an f16 tile (exact) while WG0 runs
