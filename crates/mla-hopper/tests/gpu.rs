@@ -57,8 +57,29 @@ struct Outcome {
     out_bad: usize,
     lse_cos: f64,
     lse_max_rel: f64,
+    lse_max_abs: f64,
     lse_bad: usize,
     first_bad: Option<String>,
+    /// Finite lse values compared (kernel, reference).
+    lse_pairs: (Vec<f64>, Vec<f64>),
+}
+
+/// Smallest lse tensor on which a cosine criterion means something; below it E4M3 is held to an absolute bound.
+const E4M3_LSE_COS_MIN_VALUES: usize = 64;
+/// E4M3 lse bound for tiny cases: the FP8 tensor cores accumulate Q·Kᵀ with reduced precision (primer §7.4, about
+/// 1e-3 of a logit here), which a cosine over one or two values (e.g. b = h_q = s_q = 1) turns into a ratio of
+/// two rounding errors.
+const E4M3_LSE_ABS_TOL: f64 = 1e-2;
+
+/// Upstream's E4M3 criteria: out cos_diff < 1e-2, lse cos_diff < 1e-5 (absolute bound on tiny lse tensors),
+/// infinities where the reference has them.
+fn e4m3_ok(o: &Outcome) -> bool {
+    let lse_ok = if o.lse_pairs.0.len() >= E4M3_LSE_COS_MIN_VALUES {
+        o.lse_cos < 1e-5
+    } else {
+        o.lse_max_abs <= E4M3_LSE_ABS_TOL
+    };
+    o.out_cos < 1e-2 && o.lse_bad == 0 && lse_ok
 }
 
 fn compare(p: &Problem, out_bits: &[u8], lse_bytes: &[u8], ref_out: &[f64], ref_lse: &[f64]) -> Outcome {
@@ -72,8 +93,10 @@ fn compare(p: &Problem, out_bits: &[u8], lse_bytes: &[u8], ref_out: &[f64], ref_
         out_bad: 0,
         lse_cos: 0.0,
         lse_max_rel: 0.0,
+        lse_max_abs: 0.0,
         lse_bad: 0,
         first_bad: None,
+        lse_pairs: (Vec::new(), Vec::new()),
     };
     let (mut got_l, mut want_l) = (Vec::new(), Vec::new());
     for i in 0..p.b {
@@ -111,6 +134,7 @@ fn compare(p: &Problem, out_bits: &[u8], lse_bytes: &[u8], ref_out: &[f64], ref_
                 let err = (g - r).abs();
                 let rel = err / (r.abs() + 1e-6);
                 o.lse_max_rel = o.lse_max_rel.max(rel);
+                o.lse_max_abs = o.lse_max_abs.max(err);
                 if p.dtype != DType::E4M3 && err > 1e-6 && rel > 1.2e-4 {
                     o.lse_bad += 1;
                     o.first_bad.get_or_insert_with(|| format!("lse[{i},{h},{t}] = {g} vs {r} (rel {rel:.2e})"));
@@ -122,6 +146,7 @@ fn compare(p: &Problem, out_bits: &[u8], lse_bytes: &[u8], ref_out: &[f64], ref_
     }
     o.out_cos = cos_diff(&got_o, &want_o);
     o.lse_cos = cos_diff(&got_l, &want_l);
+    o.lse_pairs = (got_l, want_l);
     o
 }
 
@@ -273,6 +298,7 @@ fn decode_matches_reference() {
     let cases = grid(&mut rng);
     let mut failures = Vec::new();
     let mut worst_e4m3 = (0f64, 0f64);
+    let mut e4m3_lse = (Vec::new(), Vec::new());
     println!("seed {seed}: {} cases x 3 dtypes", cases.len());
     println!(
         "{:<5} {:>4} {:>3} {:>4} {:>3} {:>3} {:>7} {:>6} {:>10} {:>10} {:>10} {:>10}  result",
@@ -299,8 +325,13 @@ fn decode_matches_reference() {
             let (ref_out, ref_lse) = reference(&p);
             let o = compare(&p, &out, &lse, &ref_out, &ref_lse);
             let ok = if dtype == DType::E4M3 {
-                worst_e4m3 = (worst_e4m3.0.max(o.out_cos), worst_e4m3.1.max(o.lse_cos));
-                o.out_cos < 1e-2 && o.lse_cos < 1e-5 && o.lse_bad == 0
+                worst_e4m3.0 = worst_e4m3.0.max(o.out_cos);
+                if o.lse_pairs.0.len() >= E4M3_LSE_COS_MIN_VALUES {
+                    worst_e4m3.1 = worst_e4m3.1.max(o.lse_cos);
+                }
+                e4m3_lse.0.extend_from_slice(&o.lse_pairs.0);
+                e4m3_lse.1.extend_from_slice(&o.lse_pairs.1);
+                e4m3_ok(&o)
             } else {
                 o.out_cos < 5e-6 && o.out_bad == 0 && o.lse_bad == 0
             };
@@ -329,10 +360,13 @@ fn decode_matches_reference() {
             }
         }
     }
+    let all_lse_cos = cos_diff(&e4m3_lse.0, &e4m3_lse.1);
     println!(
-        "e4m3 worst: out cos_diff {:.3e} (limit 1e-2), lse cos_diff {:.3e} (limit 1e-5)",
-        worst_e4m3.0, worst_e4m3.1
+        "e4m3 worst: out cos_diff {:.3e} (limit 1e-2), lse cos_diff {:.3e} (limit 1e-5, cases with >= {} lse values); \
+         all e4m3 lse values together {:.3e}",
+        worst_e4m3.0, worst_e4m3.1, E4M3_LSE_COS_MIN_VALUES, all_lse_cos
     );
+    assert!(all_lse_cos < 1e-5, "seed {seed}: e4m3 lse cos_diff over all cases {all_lse_cos:.3e}");
     assert!(failures.is_empty(), "seed {seed}: {} failing cases:\n{}", failures.len(), failures.join("\n"));
 }
 
@@ -501,11 +535,8 @@ fn decode_matches_cpu_backend() {
                 }
             }
             let o = compare(&p, &g_out, &g_lse, &ref_out, &ref_lse);
-            let ok = if dtype == DType::E4M3 {
-                o.out_cos < 1e-2 && o.lse_cos < 1e-5 && o.lse_bad == 0
-            } else {
-                o.out_cos < 5e-6 && o.out_bad == 0 && o.lse_bad == 0
-            };
+            let ok =
+                if dtype == DType::E4M3 { e4m3_ok(&o) } else { o.out_cos < 5e-6 && o.out_bad == 0 && o.lse_bad == 0 };
             println!(
                 "gpu vs cpu {:<5} b={b} s_q={s_q} h_q={h_q} h_kv={h_kv} causal={causal} lens={lens:?}: out cos {:.2e}, max abs {:.2e}, lse max rel {:.2e} {}",
                 dtype.name(),
