@@ -256,9 +256,10 @@ unsafe fn pv_scalar<const DT: u8>(p: &[f32], m: usize, keys: &[*const u8], facto
 
 #[cfg(target_arch = "x86_64")]
 mod avx2 {
-    //! The AVX2 path. Register tiles: `qk` keeps up to 4 query rows × 3 keys of 8-lane accumulators (12 of the 16
-    //! ymm registers; 1 row × 8 keys when M is small), so each widened K chunk feeds up to 4 FMAs; `pv` keeps 4 rows
-    //! × 16 output columns (1 row × 64 columns when M is small) and streams the block's V rows through them.
+    //! The AVX2 path. Register tiles: `qk` keeps 6 query rows × 2 keys of 8-lane accumulators (12 of the 16 ymm
+    //! registers; 1 × 8 … 4 × 3 when M is small; 12 rows × 1 key for e4m3, whose widening is the expensive part),
+    //! so each widened K chunk feeds 6 (12) FMAs; `pv` keeps 6 rows × 16 output columns (1 row × 64 columns when M
+    //! is small) and streams the block's V rows through them.
 
     use std::arch::x86_64::*;
 
@@ -349,7 +350,8 @@ mod avx2 {
             2 => 6,
             3 => 4,
             4 => 3,
-            _ => 2,
+            5 | 6 => 2,
+            _ => 1,
         }
     }
 
@@ -359,11 +361,13 @@ mod avx2 {
     unsafe fn qk_dt<const DT: u8>(q: &[f32], m: usize, keys: &[*const u8], s: &mut [f32], prefetch: &[*const u8]) {
         let n = keys.len();
         let row_bytes = HEAD_DIM_K * elt_bytes(DT);
+        // e4m3 widening costs ~9 uops per 8 elements: reuse each widened K chunk for up to 12 query rows.
+        let max_rows = if DT == DT_E4M3 { 12 } else { QK_ROWS };
         // During the first row tile, each key tile also prefetches its share of the next block.
         let share = prefetch.len().div_ceil(n.max(1));
         let mut r0 = 0;
         while r0 < m {
-            let rows = (m - r0).min(QK_ROWS);
+            let rows = (m - r0).min(max_rows);
             let qp = q[r0 * HEAD_DIM_K..].as_ptr();
             let mut j0 = 0;
             while j0 < n {
@@ -386,6 +390,12 @@ mod avx2 {
                 // SAFETY: rows/cols bound the tile inside q, keys and s (asserted sizes in `super::qk`).
                 unsafe {
                     match rows {
+                        12 => tiles!(12: 1),
+                        11 => tiles!(11: 1),
+                        10 => tiles!(10: 1),
+                        9 => tiles!(9: 1),
+                        8 => tiles!(8: 1),
+                        7 => tiles!(7: 1),
                         6 => tiles!(6: 1 2),
                         5 => tiles!(5: 1 2),
                         4 => tiles!(4: 1 2 3),
