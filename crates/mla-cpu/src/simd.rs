@@ -259,7 +259,8 @@ mod avx2 {
     //! The AVX2 path. Register tiles: `qk` keeps 6 query rows × 2 keys of 8-lane accumulators (12 of the 16 ymm
     //! registers; 1 × 8 … 4 × 3 when M is small; 12 rows × 1 key for e4m3, whose widening is the expensive part),
     //! so each widened K chunk feeds 6 (12) FMAs; `pv` keeps 6 rows × 16 output columns (1 row × 64 columns when M
-    //! is small) and streams the block's V rows through them.
+    //! is small; 12 rows × 8 columns with pre-broadcast probabilities for e4m3) and streams the block's V rows
+    //! through them.
 
     use std::arch::x86_64::*;
 
@@ -470,6 +471,83 @@ mod avx2 {
         }
     }
 
+    /// Rows of the e4m3 `pv` tile: one widened V chunk feeds 12 FMAs.
+    const PV_ROWS_E4M3: usize = 12;
+
+    /// `R` output rows × 8 columns starting at `d0`, with the probabilities pre-broadcast (`pb`, stride `S_STRIDE`
+    /// vectors per row) so that they enter the FMAs as memory operands.
+    ///
+    /// # Safety
+    /// As [`pv_tile`], with `pb` holding `R` rows of `keys.len()` vectors.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn pv_tile_narrow<const DT: u8, const R: usize>(
+        pb: *const __m256,
+        keys: &[*const u8],
+        f: *const f32,
+        o: *mut f32,
+        d0: usize,
+    ) {
+        let e = elt_bytes(DT);
+        let mut acc = [_mm256_setzero_ps(); R];
+        for (r, a) in acc.iter_mut().enumerate() {
+            // SAFETY: r < R rows of o and f; columns d0..d0+8 <= 512.
+            unsafe { *a = _mm256_mul_ps(_mm256_loadu_ps(o.add(r * HEAD_DIM_V + d0)), _mm256_set1_ps(*f.add(r))) };
+        }
+        for (j, &k) in keys.iter().enumerate() {
+            // SAFETY: columns d0..d0+8 of a V row of 512.
+            let v = unsafe { widen8::<DT>(k.add(d0 * e)) };
+            for (r, a) in acc.iter_mut().enumerate() {
+                // SAFETY: pb has R rows of at least keys.len() vectors.
+                *a = _mm256_fmadd_ps(unsafe { *pb.add(r * S_STRIDE + j) }, v, *a);
+            }
+        }
+        for (r, a) in acc.iter().enumerate() {
+            // SAFETY: as for the loads above.
+            unsafe { _mm256_storeu_ps(o.add(r * HEAD_DIM_V + d0), *a) };
+        }
+    }
+
+    /// The e4m3 `pv`: tall, narrow tiles (see [`PV_ROWS_E4M3`]).
+    ///
+    /// # Safety
+    /// See [`super::pv`].
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn pv_e4m3(p: &[f32], m: usize, keys: &[*const u8], factor: &[f32], o: &mut [f32]) {
+        let n = keys.len();
+        let mut pb = [_mm256_setzero_ps(); PV_ROWS_E4M3 * S_STRIDE];
+        let mut r0 = 0;
+        while r0 < m {
+            let rows = (m - r0).min(PV_ROWS_E4M3);
+            if rows < 7 {
+                // Short remainders: the wide tiles.
+                // SAFETY: forwarded; the sub-slices start at row r0.
+                unsafe { pv_dt::<DT_E4M3>(&p[r0 * S_STRIDE..], rows, keys, &factor[r0..], &mut o[r0 * HEAD_DIM_V..]) };
+                break;
+            }
+            for r in 0..rows {
+                for j in 0..n {
+                    pb[r * S_STRIDE + j] = _mm256_set1_ps(p[(r0 + r) * S_STRIDE + j]);
+                }
+            }
+            let (pp, fp, op) = (pb.as_ptr(), factor[r0..].as_ptr(), o[r0 * HEAD_DIM_V..].as_mut_ptr());
+            for d0 in (0..HEAD_DIM_V).step_by(8) {
+                // SAFETY: rows bound the tile inside pb, factor and o; d0 + 8 <= 512.
+                unsafe {
+                    match rows {
+                        12 => pv_tile_narrow::<DT_E4M3, 12>(pp, keys, fp, op, d0),
+                        11 => pv_tile_narrow::<DT_E4M3, 11>(pp, keys, fp, op, d0),
+                        10 => pv_tile_narrow::<DT_E4M3, 10>(pp, keys, fp, op, d0),
+                        9 => pv_tile_narrow::<DT_E4M3, 9>(pp, keys, fp, op, d0),
+                        8 => pv_tile_narrow::<DT_E4M3, 8>(pp, keys, fp, op, d0),
+                        _ => pv_tile_narrow::<DT_E4M3, 7>(pp, keys, fp, op, d0),
+                    }
+                }
+            }
+            r0 += rows;
+        }
+    }
+
     /// # Safety
     /// See [`super::pv`].
     #[target_feature(enable = "avx2,fma,f16c")]
@@ -511,7 +589,7 @@ mod avx2 {
             match dt_tag(dt) {
                 DT_BF16 => pv_dt::<DT_BF16>(p, m, keys, factor, o),
                 DT_F16 => pv_dt::<DT_F16>(p, m, keys, factor, o),
-                _ => pv_dt::<DT_E4M3>(p, m, keys, factor, o),
+                _ => pv_e4m3(p, m, keys, factor, o),
             }
         }
     }
