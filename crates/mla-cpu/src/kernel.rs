@@ -4,7 +4,7 @@
 //!  unit (item = request i, blocks [b0, b1), KV head g)          M = s_q·h_q/h_kv query rows, r = t·(h_q/h_kv) + h'
 //!    Q_g  [M, 576] f32  (widened once)
 //!    for each 64-token block (tokens → pages through the block table, any page size):
-//!        S  = Q_g · K_blkᵀ            [M, n]   (simd::qk: each K row is loaded once for 4 query rows at a time)
+//!        S  = Q_g · K_blkᵀ            [M, n]   (simd::qk: each widened K chunk serves 6 query rows, e4m3 12)
 //!        S *= scale;  causal / length mask → −inf
 //!        m' = max(m, rowmax S);  f = exp(m − m');  P = exp(S − m');  l = l·f + Σ P
 //!        O  = O·f + P · V_blk         [M, 512] (simd::pv)
