@@ -177,3 +177,20 @@ fn the_check_itself_rejects_small_errors() {
     bad.lse[2] = f32::NAN; // request 1 is empty: +inf expected
     assert!(check_against_reference(&p, &bad).is_err());
 }
+
+#[test]
+fn upstream_head_counts() {
+    // M = s_q·h_q/h_kv up to 256 rows per KV head: every row tile and its remainder (6-row tiles; 12-row e4m3
+    // tiles, 256 = 21·12 + 4).
+    for (dtype, h_q, s_q) in [(DType::Bf16, 128, 2), (DType::E4M3, 128, 2), (DType::F16, 64, 1)] {
+        let mut c = Case::new(&[150, 0, 65], s_q, h_q);
+        c.dtype = dtype;
+        c.causal = true;
+        c.seed = h_q as u64 + s_q as u64;
+        if dtype == DType::E4M3 {
+            c.descale_q = 0.03;
+            c.descale_k = 0.005;
+        }
+        check(&c);
+    }
+}
