@@ -4,7 +4,7 @@
 //! | backend device | path |
 //! |---|---|
 //! | `Device::Host` (cpu) | [`mla_cpu::problem::HostRun`]: descriptors over the host buffers, metadata, workspace, decode |
-//! | `Device::Cuda(n)` (hopper) | not wired yet: the device path (upload, metadata and decode on the stream, download) is plugged in [`Session::new`] and [`Session::decode`] |
+//! | `Device::Cuda(n)` (hopper) | [`crate::exec_cuda::CudaRun`]: inputs uploaded once, metadata and decode on the device's default stream, each decode timed with CUDA events, outputs downloaded |
 
 use std::time::{Duration, Instant};
 
@@ -12,7 +12,7 @@ use mla_core::{Device, MlaBackend};
 use mla_cpu::problem::{HostOutputs, HostProblem, HostRun};
 
 use crate::args::CliResult;
-use crate::cli_err;
+use crate::exec_cuda::CudaRun;
 
 /// A problem bound to a backend, ready to run (possibly many times, for timing).
 pub struct Session<'a> {
@@ -21,6 +21,7 @@ pub struct Session<'a> {
 
 enum Inner<'a> {
     Host(HostRun<'a>),
+    Cuda(Box<CudaRun<'a>>),
 }
 
 impl<'a> Session<'a> {
@@ -28,11 +29,7 @@ impl<'a> Session<'a> {
     pub fn new(backend: &'a dyn MlaBackend, host: &'a HostProblem) -> CliResult<Self> {
         match backend.capabilities().device {
             Device::Host => Ok(Session { inner: Inner::Host(HostRun::new(backend, host)?) }),
-            Device::Cuda(n) => Err(cli_err!(
-                "backend `{}` computes on cuda:{n}; the hopper path of the CLI is wired separately (not in this \
-                 build yet): use --backend cpu",
-                backend.name()
-            )),
+            Device::Cuda(n) => Ok(Session { inner: Inner::Cuda(Box::new(CudaRun::new(backend, host, n)?)) }),
         }
     }
 
@@ -44,6 +41,7 @@ impl<'a> Session<'a> {
                 run.decode()?;
                 Ok(t.elapsed())
             }
+            Inner::Cuda(run) => run.decode(),
         }
     }
 
@@ -51,6 +49,7 @@ impl<'a> Session<'a> {
     pub fn outputs(&self) -> CliResult<HostOutputs> {
         match &self.inner {
             Inner::Host(run) => Ok(run.outputs()),
+            Inner::Cuda(run) => run.outputs(),
         }
     }
 }

@@ -6,16 +6,14 @@ use crate::args::{Args, CliResult};
 
 fn describe(b: &dyn MlaBackend) -> String {
     let c = b.capabilities();
-    let cc = c.compute_capability.map(|(ma, mi)| format!(", sm_{ma}{mi}")).unwrap_or_default();
+    // A GPU's parallelism is its SM count; the CPU backend names its threads in the device name, and its
+    // `sm_count` is a fixed scheduler width (so results do not depend on the thread count).
+    let device = match c.compute_capability {
+        Some((ma, mi)) => format!("{} ({} SMs, sm_{ma}{mi})", c.device_name, c.sm_count),
+        None => c.device_name.clone(),
+    };
     let dtypes: Vec<&str> = c.dtypes.iter().map(|d| d.name()).collect();
-    format!(
-        "available: {} ({} {}{cc}), dtypes {}, {}",
-        c.device_name,
-        c.sm_count,
-        if c.compute_capability.is_some() { "SMs" } else { "threads" },
-        dtypes.join("/"),
-        c.page_sizes.describe()
-    )
+    format!("available: {device}, dtypes {}, {}", dtypes.join("/"), c.page_sizes.describe())
 }
 
 /// Runs `flashmla info`.

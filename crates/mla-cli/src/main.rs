@@ -16,6 +16,7 @@ mod check;
 mod decode;
 mod demo;
 mod exec;
+mod exec_cuda;
 mod info;
 mod npy;
 mod plan;
