@@ -5,13 +5,18 @@
 #
 # Steps (each under a time limit, logs in $OUT): the GPU tests with FLASHMLA_REQUIRE_GPU=1 (a skip is a failure),
 # compute-sanitizer memcheck and racecheck on the reduced set (FLASHMLA_QUICK=1), the bench on upstream's grid and
-# the small-batch latencies (bench --small). The last lines printed are the summary. Pick steps with
-# GPU_STEPS="tests memcheck racecheck bench small" and bench flags with BENCH_ARGS / SMALL_ARGS.
+# the small-batch latencies (bench --small), the `flashmla` CLI on the hopper backend (demo per dtype, and
+# `decode --backend hopper` against `--backend cpu` on the same .npy files), and the Python package's tests with
+# PyTorch on CUDA. The last lines printed are the summary. Pick steps with
+# GPU_STEPS="tests memcheck racecheck bench small cli python" and bench flags with BENCH_ARGS / SMALL_ARGS.
+# The cli step needs gpu-bin/flashmla (cargo build --release -p mla-cli), the python step the wheel in
+# gpu-bin/python (scripts/build-wheel.sh gpu-bin/python).
 set -uo pipefail
 OUT="${OUT:-/tmp/flashmla-gpu}"
 mkdir -p "$OUT"
 BIN=gpu-bin
-STEPS="${GPU_STEPS:-tests memcheck racecheck bench small}"
+STEPS="${GPU_STEPS:-tests memcheck racecheck bench small cli python}"
+ROOT="$PWD"
 export FLASHMLA_REQUIRE_GPU=1
 nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem --format=csv,noheader | tee "$OUT/device.txt"
 declare -A RC
@@ -24,6 +29,10 @@ for step in $STEPS; do
         "$BIN/hopper-gpu-tests" --test-threads=1 --nocapture decode_matches_reference >"$OUT/racecheck.log" 2>&1 ;;
     bench) timeout 300 "$BIN/hopper-bench" ${BENCH_ARGS:-} >"$OUT/bench.log" 2>&1 ;;
     small) timeout 120 "$BIN/hopper-bench" --small ${SMALL_ARGS:-} >"$OUT/small.log" 2>&1 ;;
+    cli) timeout 240 bash scripts/gpu-cli-check.sh "$BIN/flashmla" >"$OUT/cli.log" 2>&1 ;;
+    python) (python3 -m pip install -q --no-index --no-deps --target /tmp/fm/site-packages "$BIN"/python/flashmla-*.whl &&
+        cd /tmp/fm && PYTHONPATH=/tmp/fm/site-packages FLASHMLA_EXPECT_INSTALLED=1 FLASHMLA_REPO_ROOT="$ROOT" \
+        PYTHONUNBUFFERED=1 timeout 240 python3 -m pytest -p no:cacheprovider -ra "$ROOT/python/tests") >"$OUT/python.log" 2>&1 ;;
   esac
   RC[$step]=$?
 done
@@ -36,5 +45,7 @@ for step in $STEPS; do
     memcheck|racecheck) grep -E "ERROR SUMMARY|RACECHECK SUMMARY|test result|Invalid|Race" "$log" | head -12 ;;
     bench) grep -vE "^\s*$" "$log" | tail -150 ;;
     small) grep -vE "^\s*$" "$log" | tail -60 ;;
+    cli) grep -E "^(==|time:|check|PASS|FAIL|cos|max|  |backend|error)" "$log" | head -60 ;;
+    python) grep -E "passed|failed|error|SKIP|FAIL" "$log" | tail -15 ;;
   esac
 done
