@@ -15,7 +15,7 @@ use mla_cpu::problem::{HostOutputs, HostProblem, RandomSpec};
 use mla_cpu::{CpuBackend, CpuOptions};
 
 use crate::args::{Args, CliResult};
-use crate::check::{self, LSE_TOL, OUT_TOL};
+use crate::check;
 use crate::{cli_err, exec, npy};
 
 /// Runs `flashmla demo`.
@@ -82,6 +82,7 @@ pub fn run(args: &Args) -> CliResult {
     );
 
     let mut failures = Vec::new();
+    let (out_tol, lse_tol) = check::tolerances(dtype, backend.name());
     // 1. Against the CPU reference backend on one thread.
     let reference = CpuBackend::with_options(CpuOptions { threads: Some(1), isa: None })?;
     let want = exec::run_decode(&reference, &p)?;
@@ -93,8 +94,8 @@ pub fn run(args: &Args) -> CliResult {
         }
     } else {
         let to64 = |v: &[f32]| v.iter().map(|&x| x as f64).collect::<Vec<_>>();
-        let o = check::compare("out", &to64(&got.out), &to64(&want.out), OUT_TOL);
-        let l = check::compare("lse", &to64(&got.lse), &to64(&want.lse), LSE_TOL);
+        let o = check::compare("out", &to64(&got.out), &to64(&want.out), out_tol);
+        let l = check::compare("lse", &to64(&got.lse), &to64(&want.lse), lse_tol);
         println!(
             "check 1/2: vs the CPU reference: out max |err| {:.2e}, cos_diff {:.1e}; lse max |err| {:.2e}",
             o.max_abs, o.cos_diff, l.max_abs
@@ -113,8 +114,8 @@ pub fn run(args: &Args) -> CliResult {
         a_lse.push(got.lse[(i * p.h_q + h) * p.s_q + t] as f64);
         r_lse.push(l);
     }
-    let o = check::compare("out", &a_out, &r_out, OUT_TOL);
-    let l = check::compare("lse", &a_lse, &r_lse, LSE_TOL);
+    let o = check::compare("out", &a_out, &r_out, out_tol);
+    let l = check::compare("lse", &a_lse, &r_lse, lse_tol);
     println!(
         "check 2/2: {} sampled rows vs float64: out max |err| {:.2e}, cos_diff {:.1e}; lse max |err| {:.2e}",
         rows.len(),
