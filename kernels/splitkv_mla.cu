@@ -5,14 +5,16 @@
 //   TMA ──► page buffer (16-bit: 9 x 8 KiB SW128 chunks, 2 buffers; e4m3: 4 SW128 chunks + 4 KiB SW64 RoPE tail,
 //           3 buffers), one transaction mbarrier per buffer; the Q tile comes in through cp.async per request
 //   WG0: S = Q·Kᵀ (wgmma SS) ─► mask, online softmax ─► P (registers + sP) ─► O[:, 0:256]  += P·V  (wgmma RS)
-//   WG1:                        (e4m3: V → f16 tile)    wait P ──────────────► O[:, 256:512] += sP·V (wgmma SS)
+//   WG1:                        (e4m3: V → Vᵀ tile)     wait P ──────────────► O[:, 256:512] += sP·V (wgmma SS)
 //
 // The warpgroups synchronise only through named barriers (see the main loop), so WG1's P·V of page i overlaps
 // WG0's Q·Kᵀ of page i+1; WG1 refills a page buffer as soon as its last reader is done.
 //
 // V is the first 512 columns of the K page, read by wgmma as a transposed (MN-major) view of the same tile. For
-// e4m3 inputs the FP8 wgmma cannot transpose, so WG1 converts the page's V to an f16 tile (exact) while WG0 runs
-// Q·Kᵀ in FP8; P·V then runs in f16 with P in [0, 1] (10 mantissa bits instead of e4m3's 3).
+// e4m3 inputs the FP8 wgmma cannot transpose, so WG1 writes the page's V transposed (Vᵀ[d][token], 512 rows of 64
+// bytes, K-major SW64, primer §7.3) while WG0 runs Q·Kᵀ; P·V then runs on the FP8 tensor cores (m64n256k32) with P
+// quantised to e4m3 (P in [0, 1], as upstream). The e4m3 A fragment does not match the accumulator's column pairs
+// (primer §6.3), so P is packed straight from the accumulator and Vᵀ's token order is permuted the same way.
 //
 // Logits are kept in the log2 domain (scale · log2 e folded in), masked by select (never by adding), so NaN in K
 // rows past the request's end never leaks; V rows past the end are zeroed in shared memory before P·V (0 · NaN is
@@ -34,6 +36,11 @@ constexpr int SW64_SBO = 512;       // 8 rows x 64 B (the e4m3 SW64 tail)
 constexpr int KMAJOR_LBO = 16;      // ignored for swizzled K-major operands
 constexpr int V_HALF_COLS = 256;    // output columns per warpgroup
 constexpr int V_CHUNKS = HEAD_DIM_V / 64;           // 16-bit V chunks (8)
+constexpr int VT_ROW_BYTES = PAGE_TOKENS;           // e4m3 Vᵀ: one row per V column, one byte per token
+constexpr int VT_BYTES = HEAD_DIM_V * VT_ROW_BYTES;  // 32 KiB
+constexpr int VT_HALF_BYTES = V_HALF_COLS * VT_ROW_BYTES;  // start of Vᵀ rows 256..511
+constexpr int FP8_K_STEP_BYTES = 32;                // one k32 step of an e4m3 K-major operand
+constexpr int FP8_PV_K_STEPS = PAGE_TOKENS / 32;    // 2
 constexpr int V_HALF_BYTES = 4 * CHUNK_BYTES;       // start of V columns 256..511 in a 16-bit tile
 constexpr int V_K16_STEP_BYTES = 16 * ROW_BYTES;    // 16 tokens down the MN-major V view
 constexpr int V_MN_LBO = CHUNK_BYTES;               // MN-major: stride between 64-column blocks
@@ -88,9 +95,9 @@ struct Smem {
   static constexpr int NB = Traits<KIND>::NUM_BUFS;
   static constexpr int Q = 0;
   static constexpr int K0 = TILE;                                        // page buffer b at K0 + b·TILE
-  static constexpr int V = (1 + NB) * TILE;  // e4m3 only: f16 copy of the page's V
-  static constexpr int V_BYTES = Traits<KIND>::FP8 ? V_CHUNKS * CHUNK_BYTES : 0;
-  static constexpr int P = V + V_BYTES;                // 64 x 64 16-bit, K-major SW128
+  static constexpr int V = (1 + NB) * TILE;  // e4m3 only: the page's Vᵀ (K-major SW64)
+  static constexpr int V_BYTES = Traits<KIND>::FP8 ? VT_BYTES : 0;
+  static constexpr int P = V + V_BYTES;  // 64 x 64: 16-bit K-major SW128, or e4m3 K-major SW64 (first 4 KiB)
   static constexpr int SCALE = P + CHUNK_BYTES;        // 64 f32: per-row rescale of O for this page
   static constexpr int ROW_M = SCALE + BLOCK_M * 4;    // 64 f32: final running max (log2 domain)
   static constexpr int ROW_L = ROW_M + BLOCK_M * 4;    // 64 f32: final row sum
@@ -101,6 +108,7 @@ struct Smem {
 static_assert(Smem<KIND_BF16>::DYNAMIC_BYTES <= 232448, "16-bit plan exceeds the 227 KiB opt-in limit");
 static_assert(Smem<KIND_E4M3>::DYNAMIC_BYTES <= 232448, "e4m3 plan exceeds the 227 KiB opt-in limit");
 static_assert(Smem<KIND_E4M3>::TILE % 1024 == 0 && Smem<KIND_E4M3>::TAIL % 512 == 0, "swizzle atoms need alignment");
+static_assert(Smem<KIND_E4M3>::V % 1024 == 0 && Smem<KIND_E4M3>::P % 1024 == 0, "Vᵀ and sP are swizzled tiles");
 
 // SW64 tile of 64-byte rows: 16-byte vector j of `row` (the XOR takes row bits 1-2, see the primer §3).
 __device__ __forceinline__ uint32_t swz64(int row, int vec16) {
@@ -227,29 +235,80 @@ __device__ __forceinline__ void gemm_pv_ss(float (&o)[128], uint32_t sp, uint32_
   pin_regs(o);
 }
 
-// e4m3 only (WG1): the page's first 512 columns → f16 tile in the 16-bit SW128 layout; rows >= valid are zero.
-__device__ __forceinline__ void convert_v_e4m3(const uint8_t* sk, uint8_t* sv, int valid, int tw) {
-  // Each warp step covers 8 rows x 4 source vectors, so that the XOR swizzle spreads its 32 16-byte stores (and
-  // loads) over all banks: 4 wavefronts per 512 bytes instead of 8 when a warp walks one row.
-  constexpr int STEPS = PAGE_TOKENS * (HEAD_DIM_V / 16) / WG_THREADS;  // 16
+// e4m3 only: P·V on the FP8 tensor cores. Pages of 64 tokens are two k32 steps; P's A fragment is packed from the
+// accumulator (kk: k32 step, r: register, b: byte) as acc[16kk + 8(r>>1) + 2(r&1) + (b&1) + 4(b>>1)], so A position k
+// of a k32 step holds token π(k) = 16(k>>4) + 2((k&15)>>2) + (k&1) + 8((k&3)>>1) of that step (primer §6.3), and Vᵀ
+// stores token π(k) at position k. In 16-token groups G: position 16G + 4c + b ↔ token 16G + 2c + (b&1) + 8(b>>1).
+
+// O[64x256] += P (registers, e4m3 A fragments) · Vᵀ half (K-major SW64); the caller waits.
+__device__ __forceinline__ void issue_pv_rs_e4m3(float (&o)[128], const uint32_t (&pa)[FP8_PV_K_STEPS][4],
+                                                 uint32_t svt_half) {
+  wgmma_fence();
+#pragma unroll
+  for (int kk = 0; kk < FP8_PV_K_STEPS; ++kk) {
+    wgmma_m64n256k32_rs_e4m3(o, pa[kk], make_smem_desc_sw64(svt_half + kk * FP8_K_STEP_BYTES, KMAJOR_LBO, SW64_SBO),
+                             1);
+  }
+  wgmma_commit();
+}
+
+// O[64x256] += sP (e4m3, K-major SW64) · Vᵀ half (K-major SW64).
+__device__ __forceinline__ void gemm_pv_ss_e4m3(float (&o)[128], uint32_t sp, uint32_t svt_half) {
+  wgmma_fence();
+#pragma unroll
+  for (int kk = 0; kk < FP8_PV_K_STEPS; ++kk) {
+    wgmma_m64n256k32_ss_e4m3(o, make_smem_desc_sw64(sp + kk * FP8_K_STEP_BYTES, KMAJOR_LBO, SW64_SBO),
+                             make_smem_desc_sw64(svt_half + kk * FP8_K_STEP_BYTES, KMAJOR_LBO, SW64_SBO), 1);
+  }
+  wgmma_commit();
+  wgmma_wait<0>();
+  pin_regs(o);
+}
+
+// e4m3 only (WG1): the page's first 512 columns → Vᵀ (512 rows of 64 token bytes, K-major SW64, tokens permuted as
+// above); tokens >= valid are zero (P is 0 there, but 0 · NaN is NaN).
+//
+// A work unit is (token group G, position word c, 16-column vector v): the thread loads 16 bytes from each of the
+// tokens 16G + 2c + {0, 1, 8, 9} (the four bytes of Vᵀ word 4G + c), transposes the 4 x 16 bytes with byte permutes
+// and stores 16 words, one per Vᵀ row. Lanes: c = lane & 3, v parity = (lane >> 2) & 1, G = lane >> 3. The loads
+// are conflict-free (each 8-lane phase hits 8 distinct swizzled 16-byte slots), and so are the word stores: lanes of
+// odd v store their rows in the order j ^ 1, so the 32 lanes cover both row parities x 4 swizzled slots x 4 words.
+__device__ __forceinline__ void transpose_v_e4m3(const uint8_t* sk, uint8_t* svt, int valid, int tw) {
+  constexpr int UNITS_PER_WARP_STEP = 2;                                    // v pairs: 64 B of columns per warp step
+  constexpr int STEPS = (HEAD_DIM_V / 16) / UNITS_PER_WARP_STEP / (WG_THREADS / 32);  // 4
+  // 4 x 4 byte transpose of words (x0, x1, x2, x3): output word i = bytes i of x0..x3 (x0 in byte 0).
+  constexpr uint32_t SEL_LO_PAIRS = 0x5140, SEL_HI_PAIRS = 0x7362, SEL_LO_HALVES = 0x5410, SEL_HI_HALVES = 0x7632;
   const int warp = tw / 32, lane = tw % 32;
-#pragma unroll 4
+  const int c = lane & 3, vodd = (lane >> 2) & 1, g = lane >> 3;
+  const int tok0 = 16 * g + 2 * c;
+#pragma unroll 1
   for (int k = 0; k < STEPS; ++k) {
-    const int combo = warp + 4 * k;  // (8-row group, 4-vector group): 8 x 8 combos
-    const int row = 8 * (combo / 8) + lane % 8;
-    const int v = 4 * (combo % 8) + lane / 8;  // source vector: e4m3 columns 16v..16v+15
-    uint4 lo = make_uint4(0, 0, 0, 0), hi = make_uint4(0, 0, 0, 0);
-    if (row < valid) {
-      const uint4 x = *reinterpret_cast<const uint4*>(sk + (v / 8) * CHUNK_BYTES + swz128(row, v % 8));
-      lo = make_uint4(e4m3x2_to_f16x2(x.x & 0xFFFF), e4m3x2_to_f16x2(x.x >> 16), e4m3x2_to_f16x2(x.y & 0xFFFF),
-                      e4m3x2_to_f16x2(x.y >> 16));
-      hi = make_uint4(e4m3x2_to_f16x2(x.z & 0xFFFF), e4m3x2_to_f16x2(x.z >> 16), e4m3x2_to_f16x2(x.w & 0xFFFF),
-                      e4m3x2_to_f16x2(x.w >> 16));
+    const int v = 2 * (warp + 4 * k) + vodd;  // 16-column vector of V: columns 16v .. 16v+15
+    const uint8_t* src = sk + (v / 8) * CHUNK_BYTES;
+    uint4 x[4];
+#pragma unroll
+    for (int t = 0; t < 4; ++t) {
+      const int tok = tok0 + (t & 1) + 8 * (t >> 1);
+      x[t] = tok < valid ? *reinterpret_cast<const uint4*>(src + swz128(tok, v % 8)) : make_uint4(0, 0, 0, 0);
     }
-    // Source columns 16v..16v+15 are f16 vectors 2v, 2v+1: chunk v/4, vectors 2(v%4) and 2(v%4)+1.
-    uint8_t* dst = sv + (v / 4) * CHUNK_BYTES;
-    *reinterpret_cast<uint4*>(dst + swz128(row, 2 * (v % 4))) = lo;
-    *reinterpret_cast<uint4*>(dst + swz128(row, 2 * (v % 4) + 1)) = hi;
+    uint32_t out[16];  // out[j]: Vᵀ row 16v + j, word 4G + c
+#pragma unroll
+    for (int w = 0; w < 4; ++w) {
+      const uint32_t a0 = (&x[0].x)[w], a1 = (&x[1].x)[w], a2 = (&x[2].x)[w], a3 = (&x[3].x)[w];
+      const uint32_t t0 = prmt(a0, a1, SEL_LO_PAIRS), t1 = prmt(a0, a1, SEL_HI_PAIRS);
+      const uint32_t t2 = prmt(a2, a3, SEL_LO_PAIRS), t3 = prmt(a2, a3, SEL_HI_PAIRS);
+      out[4 * w + 0] = prmt(t0, t2, SEL_LO_HALVES);
+      out[4 * w + 1] = prmt(t0, t2, SEL_HI_HALVES);
+      out[4 * w + 2] = prmt(t1, t3, SEL_LO_HALVES);
+      out[4 * w + 3] = prmt(t1, t3, SEL_HI_HALVES);
+    }
+#pragma unroll
+    for (int j = 0; j < 16; ++j) {
+      const int jj = j ^ vodd;
+      const int row = 16 * v + jj;
+      const uint32_t val = vodd ? out[j ^ 1] : out[j];
+      *reinterpret_cast<uint32_t*>(svt + swz64(row, g) + 4 * c) = val;
+    }
   }
 }
 
@@ -429,17 +488,33 @@ __device__ __forceinline__ void splitkv_body(const CUtensorMap* tmap_k, const CU
           if (valid < PAGE_TOKENS) zero_v_tail(gk, valid, tw);  // WG1 reads V(i) only after P_READY
         }
         if (i > 0) named_barrier_sync(BAR_SP_FREE, NUM_THREADS);  // WG1 is done with sP(i−1), s_scale(i−1)
-        // The accumulator of k-step kk is exactly the A fragment of P for tokens 16kk..16kk+15.
+        // 16-bit: the accumulator of k-step kk is exactly the A fragment of P for tokens 16kk..16kk+15. e4m3: the A
+        // fragment of k32 step kk is packed from the accumulator with the token permutation of transpose_v_e4m3.
         uint32_t pa[4][4];
+        uint32_t pa8[FP8_PV_K_STEPS][4];
         uint8_t* gp = gbase + Sm::P;
+        if constexpr (Tr::FP8) {
 #pragma unroll
-        for (int kk = 0; kk < 4; ++kk) {
+          for (int kk = 0; kk < FP8_PV_K_STEPS; ++kk) {
 #pragma unroll
-          for (int q = 0; q < 4; ++q) {
-            pa[kk][q] = pack_p<KIND>(s[8 * kk + 2 * q], s[8 * kk + 2 * q + 1]);
-            const int row = row_a + 8 * (q & 1);
-            const int col = 16 * kk + 8 * (q >> 1) + 2 * quad;
-            *reinterpret_cast<uint32_t*>(gp + swz128(row, col / 8) + (col % 8) * 2) = pa[kk][q];
+            for (int r = 0; r < 4; ++r) {
+              const int j = 16 * kk + 8 * (r >> 1) + 2 * (r & 1);
+              pa8[kk][r] = pack_e4m3x4(s[j], s[j + 1], s[j + 4], s[j + 5]);
+              // A position 32kk + 16(r>>1) + 4·quad of row row_a + 8(r&1): 16-byte vector 2kk + (r>>1) of the row.
+              *reinterpret_cast<uint32_t*>(gp + swz64(row_a + 8 * (r & 1), 2 * kk + (r >> 1)) + 4 * quad) =
+                  pa8[kk][r];
+            }
+          }
+        } else {
+#pragma unroll
+          for (int kk = 0; kk < 4; ++kk) {
+#pragma unroll
+            for (int q = 0; q < 4; ++q) {
+              pa[kk][q] = pack_p<KIND>(s[8 * kk + 2 * q], s[8 * kk + 2 * q + 1]);
+              const int row = row_a + 8 * (q & 1);
+              const int col = 16 * kk + 8 * (q >> 1) + 2 * quad;
+              *reinterpret_cast<uint32_t*>(gp + swz128(row, col / 8) + (col % 8) * 2) = pa[kk][q];
+            }
           }
         }
         if (quad == 0) {
@@ -451,7 +526,11 @@ __device__ __forceinline__ void splitkv_body(const CUtensorMap* tmap_k, const CU
         if constexpr (Tr::FP8) named_barrier_sync(BAR_V_READY, NUM_THREADS);
 #pragma unroll
         for (int j = 0; j < 128; ++j) o[j] *= row_scale[(j >> 1) & 1];
-        issue_pv_rs<KIND>(o, pa, sv);
+        if constexpr (Tr::FP8) {
+          issue_pv_rs_e4m3(o, pa8, sv);
+        } else {
+          issue_pv_rs<KIND>(o, pa, sv);
+        }
         // Waiting here (not during the next Q·Kᵀ) keeps the accumulators out of flight across the loop edge, which
         // ptxas would otherwise answer by serialising every wgmma (C7514); WG1's P·V_R keeps the tensor cores busy.
         wgmma_wait<0>();
@@ -469,13 +548,13 @@ __device__ __forceinline__ void splitkv_body(const CUtensorMap* tmap_k, const CU
         uint8_t* gk = gbase + Sm::K0 + buf * Sm::TILE;
         const uint32_t sv = Tr::FP8 ? base + Sm::V : sk_buf;
         if constexpr (Tr::FP8) {
-          convert_v_e4m3(gk, gbase + Sm::V, valid, tw);  // WG0's P·V_L(i−1) finished: L_DONE of the last page
+          transpose_v_e4m3(gk, gbase + Sm::V, valid, tw);  // WG0's P·V_L(i−1) finished: L_DONE of the last page
           fence_proxy_async();
           named_barrier_arrive(BAR_V_READY, NUM_THREADS);
         }
         named_barrier_sync(BAR_P_READY, NUM_THREADS);
         if constexpr (Tr::FP8) {
-          // e4m3: Q·Kᵀ(i) is done (before P_READY) and V(i) lives in sV, so the page buffer is free already.
+          // e4m3: Q·Kᵀ(i) is done (before P_READY) and V(i) lives in sVᵀ, so the page buffer is free already.
           if (tid == WG_THREADS && i + Sm::NB < nblk) {
             issue_page_load<KIND>(tmap_k, tmap_tail, sk_buf, bar_buf, kv_head, bt[blk + Sm::NB]);
           }
@@ -483,7 +562,11 @@ __device__ __forceinline__ void splitkv_body(const CUtensorMap* tmap_k, const CU
         const float sc0 = s_scale[row_a], sc1 = s_scale[row_a + 8];
 #pragma unroll
         for (int j = 0; j < 128; ++j) o[j] *= ((j >> 1) & 1) ? sc1 : sc0;
-        gemm_pv_ss<KIND>(o, sp, sv + V_HALF_BYTES);
+        if constexpr (Tr::FP8) {
+          gemm_pv_ss_e4m3(o, sp, sv + VT_HALF_BYTES);
+        } else {
+          gemm_pv_ss<KIND>(o, sp, sv + V_HALF_BYTES);
+        }
         named_barrier_sync(BAR_L_DONE, NUM_THREADS);  // both halves of P·V(i) are complete
         if constexpr (!Tr::FP8) {
           if (tid == WG_THREADS && i + Sm::NB < nblk) {
