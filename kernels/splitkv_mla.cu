@@ -270,44 +270,64 @@ __device__ __forceinline__ void gemm_pv_ss_e4m3(float (&o)[128], uint32_t sp, ui
 //
 // A work unit is (token group G, position word c, 16-column vector v): the thread loads 16 bytes from each of the
 // tokens 16G + 2c + {0, 1, 8, 9} (the four bytes of Vᵀ word 4G + c), transposes the 4 x 16 bytes with byte permutes
-// and stores 16 words, one per Vᵀ row. Lanes: c = lane & 3, v parity = (lane >> 2) & 1, G = lane >> 3. The loads
-// are conflict-free (each 8-lane phase hits 8 distinct swizzled 16-byte slots), and so are the word stores: lanes of
-// odd v store their rows in the order j ^ 1, so the 32 lanes cover both row parities x 4 swizzled slots x 4 words.
-__device__ __forceinline__ void transpose_v_e4m3(const uint8_t* sk, uint8_t* svt, int valid, int tw) {
-  constexpr int UNITS_PER_WARP_STEP = 2;                                    // v pairs: 64 B of columns per warp step
-  constexpr int STEPS = (HEAD_DIM_V / 16) / UNITS_PER_WARP_STEP / (WG_THREADS / 32);  // 4
+// and stores 16 words, one per Vᵀ row. Lanes: c = lane & 3, v parity = (lane >> 2) & 1, G = lane >> 3; warp step k
+// takes v = 2(warp + 4k) + (v parity), i.e. SW128 chunk k and the same 16-byte vector of every row at every step,
+// so all source and destination offsets are loop-invariant registers plus immediates (ncu on the first version: 600
+// instructions per warp and page, a third of them address arithmetic, and the transpose on WG0's critical path).
+// The loads are conflict-free (each 8-lane phase hits 8 distinct swizzled 16-byte slots), and so are the word
+// stores: lanes of odd v store their rows in the order j ^ 1 (by swapping the last permute's selectors), so the 32
+// lanes cover both row parities x 4 swizzled slots x 4 words.
+__device__ __forceinline__ void transpose_v_e4m3(const uint8_t* __restrict__ sk, uint32_t svt, int valid, int tw) {
+  constexpr int STEPS = (HEAD_DIM_V / 16) / 2 / (WG_THREADS / 32);  // 4: two 16-column vectors per warp step
+  constexpr int VT_VEC_ROWS = 16;                                    // Vᵀ rows per 16-column vector
   // 4 x 4 byte transpose of words (x0, x1, x2, x3): output word i = bytes i of x0..x3 (x0 in byte 0).
   constexpr uint32_t SEL_LO_PAIRS = 0x5140, SEL_HI_PAIRS = 0x7362, SEL_LO_HALVES = 0x5410, SEL_HI_HALVES = 0x7632;
   const int warp = tw / 32, lane = tw % 32;
   const int c = lane & 3, vodd = (lane >> 2) & 1, g = lane >> 3;
-  const int tok0 = 16 * g + 2 * c;
-#pragma unroll 1
+  const int vin = 2 * warp + vodd;  // v % 8: the 16-byte vector within an SW128 row
+  int src_off[4];
+  bool live[4];
+#pragma unroll
+  for (int t = 0; t < 4; ++t) {
+    const int tok = 16 * g + 2 * c + (t & 1) + 8 * (t >> 1);
+    live[t] = tok < valid;
+    src_off[t] = static_cast<int>(swz128(tok, vin));
+  }
+  // Odd-v lanes produce the row pair (2i, 2i+1) swapped: out[j] holds Vᵀ row 16v + (j ^ vodd).
+  const uint32_t sel_even = vodd ? SEL_HI_HALVES : SEL_LO_HALVES;
+  const uint32_t sel_odd = vodd ? SEL_LO_HALVES : SEL_HI_HALVES;
+  // Vᵀ row 16v + (j ^ vodd), word 4G + c, SW64: (16v + (j ^ vodd))·64 + ((G ^ ((j >> 1) & 3)) << 4) + 4c, where
+  // 16v·64 = 1024·vin + 8192k and 64(j ^ vodd) = 64j ± 64·vodd (+ for even j).
+  uint32_t dst[2][4];
+#pragma unroll
+  for (int par = 0; par < 2; ++par) {
+#pragma unroll
+    for (int m = 0; m < 4; ++m) {
+      dst[par][m] = svt + VT_VEC_ROWS * VT_ROW_BYTES * vin + (par ? -VT_ROW_BYTES : VT_ROW_BYTES) * vodd +
+                    ((g ^ m) << 4) + 4 * c;
+    }
+  }
+#pragma unroll
   for (int k = 0; k < STEPS; ++k) {
-    const int v = 2 * (warp + 4 * k) + vodd;  // 16-column vector of V: columns 16v .. 16v+15
-    const uint8_t* src = sk + (v / 8) * CHUNK_BYTES;
+    const uint8_t* src = sk + k * CHUNK_BYTES;
     uint4 x[4];
 #pragma unroll
     for (int t = 0; t < 4; ++t) {
-      const int tok = tok0 + (t & 1) + 8 * (t >> 1);
-      x[t] = tok < valid ? *reinterpret_cast<const uint4*>(src + swz128(tok, v % 8)) : make_uint4(0, 0, 0, 0);
+      x[t] = live[t] ? *reinterpret_cast<const uint4*>(src + src_off[t]) : make_uint4(0, 0, 0, 0);
     }
-    uint32_t out[16];  // out[j]: Vᵀ row 16v + j, word 4G + c
+    const uint32_t kofs = k * 2 * VT_VEC_ROWS * VT_ROW_BYTES * (WG_THREADS / 32);  // 8192k
 #pragma unroll
     for (int w = 0; w < 4; ++w) {
       const uint32_t a0 = (&x[0].x)[w], a1 = (&x[1].x)[w], a2 = (&x[2].x)[w], a3 = (&x[3].x)[w];
       const uint32_t t0 = prmt(a0, a1, SEL_LO_PAIRS), t1 = prmt(a0, a1, SEL_HI_PAIRS);
       const uint32_t t2 = prmt(a2, a3, SEL_LO_PAIRS), t3 = prmt(a2, a3, SEL_HI_PAIRS);
-      out[4 * w + 0] = prmt(t0, t2, SEL_LO_HALVES);
-      out[4 * w + 1] = prmt(t0, t2, SEL_HI_HALVES);
-      out[4 * w + 2] = prmt(t1, t3, SEL_LO_HALVES);
-      out[4 * w + 3] = prmt(t1, t3, SEL_HI_HALVES);
-    }
+      const uint32_t out[4] = {prmt(t0, t2, sel_even), prmt(t0, t2, sel_odd), prmt(t1, t3, sel_even),
+                               prmt(t1, t3, sel_odd)};
 #pragma unroll
-    for (int j = 0; j < 16; ++j) {
-      const int jj = j ^ vodd;
-      const int row = 16 * v + jj;
-      const uint32_t val = vodd ? out[j ^ 1] : out[j];
-      *reinterpret_cast<uint32_t*>(svt + swz64(row, g) + 4 * c) = val;
+      for (int i = 0; i < 4; ++i) {
+        const int j = 4 * w + i;
+        sts32(dst[j & 1][(j >> 1) & 3] + kofs + VT_ROW_BYTES * j, out[i]);
+      }
     }
   }
 }
@@ -548,7 +568,7 @@ __device__ __forceinline__ void splitkv_body(const CUtensorMap* tmap_k, const CU
         uint8_t* gk = gbase + Sm::K0 + buf * Sm::TILE;
         const uint32_t sv = Tr::FP8 ? base + Sm::V : sk_buf;
         if constexpr (Tr::FP8) {
-          transpose_v_e4m3(gk, gbase + Sm::V, valid, tw);  // WG0's P·V_L(i−1) finished: L_DONE of the last page
+          transpose_v_e4m3(gk, base + Sm::V, valid, tw);  // WG0's P·V_L(i−1) finished: L_DONE of the last page
           fence_proxy_async();
           named_barrier_arrive(BAR_V_READY, NUM_THREADS);
         }
