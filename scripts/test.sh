@@ -20,6 +20,15 @@ cargo clippy --workspace --all-targets -- -D warnings
 echo "== cargo test"
 cargo test --workspace
 
+# cargo test hides what passing tests print, so say here whether the GPU tests ran or skipped, and why.
+echo "== GPU backend on this machine"
+info=$(cargo run -q -p mla-cli --bin flashmla -- info)
+echo "$info" | grep -E "sm_90a kernels|hopper "
+if ! grep -q "hopper  available" <<<"$info"; then
+    echo "GPU tests (crates/mla-hopper/tests/gpu.rs, crates/mla-ffi/tests/gpu_abi.rs) skipped: no usable Hopper GPU" \
+        "here (FLASHMLA_REQUIRE_GPU=1 makes that a failure; docs/gpu.md runs them on an H100)"
+fi
+
 if [ -f scripts/test-python.sh ]; then
     echo "== python tests"
     bash scripts/test-python.sh
