@@ -106,6 +106,12 @@ impl Args {
             .map(Some)
     }
 
+    /// `--dtype` as an input dtype (`bf16`, `fp16`, `e4m3`), or `bf16` when absent.
+    pub fn dtype(&self) -> CliResult<mla_core::DType> {
+        let v = self.value("dtype").unwrap_or("bf16");
+        mla_core::DType::parse(v).ok_or_else(|| cli_err!("--dtype: expected bf16, fp16 or e4m3, got `{v}`"))
+    }
+
     /// Fails on any option the command never looked at.
     pub fn finish(&self) -> CliResult {
         let used = self.used.borrow();

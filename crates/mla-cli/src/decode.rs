@@ -50,9 +50,7 @@ fn positive_scale(args: &Args, name: &str) -> CliResult<Option<f32>> {
 pub fn run(args: &Args) -> CliResult {
     let backend_name = args.value("backend").unwrap_or("auto").to_string();
     let ordinal: i32 = args.parsed_or("device", 0)?;
-    let dtype_s = args.value("dtype").unwrap_or("bf16").to_string();
-    let dtype =
-        DType::parse(&dtype_s).ok_or_else(|| cli_err!("--dtype: expected bf16, fp16 or e4m3, got `{dtype_s}`"))?;
+    let dtype = args.dtype()?;
     let q_path = args.required("q")?.to_string();
     let kv_path = args.required("kv-cache")?.to_string();
     let bt_path = args.required("block-table")?.to_string();

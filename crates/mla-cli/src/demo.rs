@@ -22,9 +22,7 @@ use crate::{cli_err, exec, npy};
 pub fn run(args: &Args) -> CliResult {
     let backend_name = args.value("backend").unwrap_or("auto").to_string();
     let ordinal: i32 = args.parsed_or("device", 0)?;
-    let dtype_s = args.value("dtype").unwrap_or("bf16").to_string();
-    let dtype =
-        DType::parse(&dtype_s).ok_or_else(|| cli_err!("--dtype: expected bf16, fp16 or e4m3, got `{dtype_s}`"))?;
+    let dtype = args.dtype()?;
     let spec = RandomSpec {
         batch: args.parsed_or("batch", 32)?,
         s_q: args.parsed_or("s-q", 2)?,
