@@ -70,6 +70,8 @@ pub const E4M3_KV_UNIT: f32 = 1.0 / 256.0;
 pub(crate) const DT_BF16: u8 = 0;
 pub(crate) const DT_F16: u8 = 1;
 pub(crate) const DT_E4M3: u8 = 2;
+/// e4m3 for a block known to hold no NaN code (AVX2 path only): the widening skips the NaN patch.
+pub(crate) const DT_E4M3_FINITE: u8 = 3;
 
 pub(crate) fn dt_tag(d: DType) -> u8 {
     match d {
@@ -80,7 +82,7 @@ pub(crate) fn dt_tag(d: DType) -> u8 {
 }
 
 const fn elt_bytes(dt: u8) -> usize {
-    if dt == DT_E4M3 { 1 } else { 2 }
+    if dt >= DT_E4M3 { 1 } else { 2 }
 }
 
 /// Widens element `i` of a row (scalar path, exact).
@@ -264,7 +266,7 @@ mod avx2 {
 
     use std::arch::x86_64::*;
 
-    use super::{DT_BF16, DT_E4M3, DT_F16, HEAD_DIM_K, HEAD_DIM_V, LANES, S_STRIDE, dt_tag, elt_bytes};
+    use super::{DT_BF16, DT_E4M3, DT_E4M3_FINITE, DT_F16, HEAD_DIM_K, HEAD_DIM_V, LANES, S_STRIDE, dt_tag, elt_bytes};
     use mla_core::DType;
 
     const QK_ROWS: usize = 6;
@@ -295,11 +297,35 @@ mod avx2 {
                 // mantissa (value · 2^-8, subnormals included), the sign on bit 15; bit 14 (set only by the sign
                 // extension of negative codes) is cleared.
                 let y = _mm_and_si128(_mm_slli_epi16::<7>(_mm_cvtepi8_epi16(b)), _mm_set1_epi16(0xBFFF_u16 as i16));
+                if DT == DT_E4M3_FINITE {
+                    // The caller checked that none of these codes is the NaN code.
+                    return _mm256_cvtph_ps(y);
+                }
                 // The NaN code (magnitude 0x7F) would read as 1.875·2^-8·2^8: turn it into an fp16 NaN.
                 let nan = _mm_cmpeq_epi16(_mm_and_si128(y, _mm_set1_epi16(0x7FFF)), _mm_set1_epi16(0x3F80));
                 _mm256_cvtph_ps(_mm_or_si128(y, nan))
             }
         }
+    }
+
+    /// Does any of the first `bytes` bytes (a multiple of 32) of any row hold an e4m3 NaN code (0x7F / 0xFF)?
+    /// One OR, compare and OR per 32 codes: far cheaper than patching NaN in every widened chunk, which a block
+    /// without NaN (the norm) then skips.
+    ///
+    /// # Safety
+    /// Every row has `bytes` readable bytes.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn e4m3_any_nan(rows: &[*const u8], bytes: usize) -> bool {
+        let (hi, ones) = (_mm256_set1_epi8(0x80u8 as i8), _mm256_set1_epi8(-1));
+        let mut acc = _mm256_setzero_si256();
+        for &r in rows {
+            for off in (0..bytes).step_by(32) {
+                // SAFETY: off + 32 <= bytes readable bytes of the row.
+                let x = unsafe { _mm256_loadu_si256(r.add(off).cast()) };
+                acc = _mm256_or_si256(acc, _mm256_cmpeq_epi8(_mm256_or_si256(x, hi), ones));
+            }
+        }
+        _mm256_testz_si256(acc, acc) == 0
     }
 
     /// The fixed tree of [`super::tree8`], on a vector.
@@ -363,7 +389,7 @@ mod avx2 {
         let n = keys.len();
         let row_bytes = HEAD_DIM_K * elt_bytes(DT);
         // e4m3 widening costs ~9 uops per 8 elements: reuse each widened K chunk for up to 12 query rows.
-        let max_rows = if DT == DT_E4M3 { 12 } else { QK_ROWS };
+        let max_rows = if DT >= DT_E4M3 { 12 } else { QK_ROWS };
         // During the first row tile, each key tile also prefetches its share of the next block.
         let share = prefetch.len().div_ceil(n.max(1));
         let mut r0 = 0;
@@ -419,7 +445,8 @@ mod avx2 {
             match dt_tag(dt) {
                 DT_BF16 => qk_dt::<DT_BF16>(q, m, keys, s, prefetch),
                 DT_F16 => qk_dt::<DT_F16>(q, m, keys, s, prefetch),
-                _ => qk_dt::<DT_E4M3>(q, m, keys, s, prefetch),
+                _ if e4m3_any_nan(keys, HEAD_DIM_K) => qk_dt::<DT_E4M3>(q, m, keys, s, prefetch),
+                _ => qk_dt::<DT_E4M3_FINITE>(q, m, keys, s, prefetch),
             }
         }
     }
@@ -513,7 +540,7 @@ mod avx2 {
     /// # Safety
     /// See [`super::pv`].
     #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn pv_e4m3(p: &[f32], m: usize, keys: &[*const u8], factor: &[f32], o: &mut [f32]) {
+    unsafe fn pv_e4m3<const DT: u8>(p: &[f32], m: usize, keys: &[*const u8], factor: &[f32], o: &mut [f32]) {
         let n = keys.len();
         let mut pb = [_mm256_setzero_ps(); PV_ROWS_E4M3 * S_STRIDE];
         let mut r0 = 0;
@@ -522,7 +549,7 @@ mod avx2 {
             if rows < 7 {
                 // Short remainders: the wide tiles.
                 // SAFETY: forwarded; the sub-slices start at row r0.
-                unsafe { pv_dt::<DT_E4M3>(&p[r0 * S_STRIDE..], rows, keys, &factor[r0..], &mut o[r0 * HEAD_DIM_V..]) };
+                unsafe { pv_dt::<DT>(&p[r0 * S_STRIDE..], rows, keys, &factor[r0..], &mut o[r0 * HEAD_DIM_V..]) };
                 break;
             }
             for r in 0..rows {
@@ -535,12 +562,12 @@ mod avx2 {
                 // SAFETY: rows bound the tile inside pb, factor and o; d0 + 8 <= 512.
                 unsafe {
                     match rows {
-                        12 => pv_tile_narrow::<DT_E4M3, 12>(pp, keys, fp, op, d0),
-                        11 => pv_tile_narrow::<DT_E4M3, 11>(pp, keys, fp, op, d0),
-                        10 => pv_tile_narrow::<DT_E4M3, 10>(pp, keys, fp, op, d0),
-                        9 => pv_tile_narrow::<DT_E4M3, 9>(pp, keys, fp, op, d0),
-                        8 => pv_tile_narrow::<DT_E4M3, 8>(pp, keys, fp, op, d0),
-                        _ => pv_tile_narrow::<DT_E4M3, 7>(pp, keys, fp, op, d0),
+                        12 => pv_tile_narrow::<DT, 12>(pp, keys, fp, op, d0),
+                        11 => pv_tile_narrow::<DT, 11>(pp, keys, fp, op, d0),
+                        10 => pv_tile_narrow::<DT, 10>(pp, keys, fp, op, d0),
+                        9 => pv_tile_narrow::<DT, 9>(pp, keys, fp, op, d0),
+                        8 => pv_tile_narrow::<DT, 8>(pp, keys, fp, op, d0),
+                        _ => pv_tile_narrow::<DT, 7>(pp, keys, fp, op, d0),
                     }
                 }
             }
@@ -589,7 +616,8 @@ mod avx2 {
             match dt_tag(dt) {
                 DT_BF16 => pv_dt::<DT_BF16>(p, m, keys, factor, o),
                 DT_F16 => pv_dt::<DT_F16>(p, m, keys, factor, o),
-                _ => pv_e4m3(p, m, keys, factor, o),
+                _ if e4m3_any_nan(keys, HEAD_DIM_V) => pv_e4m3::<DT_E4M3>(p, m, keys, factor, o),
+                _ => pv_e4m3::<DT_E4M3_FINITE>(p, m, keys, factor, o),
             }
         }
     }
@@ -647,6 +675,64 @@ mod avx2 {
             // SAFETY: AVX2 available; 8 readable floats.
             let got = unsafe { hsum(_mm256_loadu_ps(a.as_ptr())) };
             assert_eq!(got.to_bits(), super::super::tree8(a).to_bits());
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// e4m3 blocks with and without a NaN code: the AVX2 path (which skips the NaN patch for blocks without one)
+    /// matches the scalar path bit for bit, and NaN propagates into exactly the same scores and outputs.
+    #[test]
+    fn e4m3_nan_blocks_match_the_scalar_path() {
+        if !Isa::Avx2.is_available() {
+            return;
+        }
+        let mut state = 0x1234_5678_9abc_def0u64;
+        let mut next = || {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state
+        };
+        let n = 37;
+        for nan_at in [None, Some((5, 3)), Some((36, 575)), Some((0, 511)), Some((12, 513))] {
+            let mut cache: Vec<u8> = (0..n * HEAD_DIM_K)
+                .map(|_| {
+                    let c = (next() & 0xFF) as u8;
+                    if c & 0x7F == 0x7F { c & 0xF0 } else { c }
+                })
+                .collect();
+            if let Some((j, d)) = nan_at {
+                cache[j * HEAD_DIM_K + d] = if d % 2 == 0 { 0x7F } else { 0xFF };
+            }
+            let keys: Vec<*const u8> = (0..n).map(|j| cache[j * HEAD_DIM_K..].as_ptr()).collect();
+            for m in [1, 2, 5, 13] {
+                let q: Vec<f32> = (0..m * HEAD_DIM_K).map(|_| (next() % 2001) as f32 / 1000.0 - 1.0).collect();
+                let p: Vec<f32> = (0..m * S_STRIDE).map(|_| (next() % 1000) as f32 / 1000.0).collect();
+                let f: Vec<f32> = (0..m).map(|r| 0.5 + r as f32 / 8.0).collect();
+                let run = |isa| {
+                    let mut s = vec![0f32; m * S_STRIDE];
+                    let mut o: Vec<f32> = (0..m * HEAD_DIM_V).map(|i| (i % 7) as f32).collect();
+                    // SAFETY: every key row has 576 readable bytes; buffer sizes match m.
+                    unsafe {
+                        qk(isa, DType::E4M3, &q, m, &keys, &mut s, &[]);
+                        pv(isa, DType::E4M3, &p, m, &keys, &f, &mut o);
+                    }
+                    (s, o)
+                };
+                let (ss, os) = run(Isa::Scalar);
+                let (sv, ov) = run(Isa::Avx2);
+                let same = |a: &f32, b: &f32| a.to_bits() == b.to_bits() || (a.is_nan() && b.is_nan());
+                assert!(ss.iter().zip(&sv).all(|(a, b)| same(a, b)), "qk, NaN at {nan_at:?}, m = {m}");
+                assert!(os.iter().zip(&ov).all(|(a, b)| same(a, b)), "pv, NaN at {nan_at:?}, m = {m}");
+                let nans = sv[..n].iter().filter(|x| x.is_nan()).count();
+                assert_eq!(nans, usize::from(nan_at.is_some()), "NaN at {nan_at:?}: {nans} NaN scores");
+                let v_nan = matches!(nan_at, Some((_, d)) if d < HEAD_DIM_V);
+                assert_eq!(ov.iter().any(|x| x.is_nan()), v_nan, "NaN at {nan_at:?}, m = {m}");
+            }
         }
     }
 }
