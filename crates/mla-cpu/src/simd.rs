@@ -270,6 +270,10 @@ mod avx2 {
     use mla_core::DType;
 
     const QK_ROWS: usize = 6;
+
+    /// [`DT_E4M3_FINITE`] widens to value·2^-120 instead of value·2^-8 (= [`super::E4M3_KV_UNIT`]): the other
+    /// factor of each product (Q, P) is scaled by 2^112, exactly (|Q| <= 448, P <= 1).
+    const E4M3_FINITE_QP_SCALE: f32 = 5_192_296_858_534_827_628_530_496_329_220_096.0; // 2^112
     const PV_ROWS: usize = 6;
 
     /// Eight elements starting at `p`, widened to f32.
@@ -290,6 +294,15 @@ mod avx2 {
                 let h = unsafe { _mm_loadu_si128(p.cast()) };
                 _mm256_cvtph_ps(h)
             }
+            DT_E4M3_FINITE => {
+                // No NaN code among these (checked by the caller): straight to f32 bits. Sign-extend each code to 32
+                // bits and shift by 20: the 7 magnitude bits land on the low 4 exponent bits and the top 3 mantissa
+                // bits (value · 2^-120, e4m3 subnormals as f32 subnormals, exactly); keep them and the sign (bit 31).
+                // SAFETY: 8 readable bytes (8 × e4m3).
+                let b = unsafe { _mm_loadl_epi64(p.cast()) };
+                let y = _mm256_slli_epi32::<20>(_mm256_cvtepi8_epi32(b));
+                _mm256_castsi256_ps(_mm256_and_si256(y, _mm256_set1_epi32(0x87F0_0000_u32 as i32)))
+            }
             _ => {
                 // SAFETY: 8 readable bytes (8 × e4m3); loadl reads exactly 8 bytes, unaligned.
                 let b = unsafe { _mm_loadl_epi64(p.cast()) };
@@ -297,10 +310,6 @@ mod avx2 {
                 // mantissa (value · 2^-8, subnormals included), the sign on bit 15; bit 14 (set only by the sign
                 // extension of negative codes) is cleared.
                 let y = _mm_and_si128(_mm_slli_epi16::<7>(_mm_cvtepi8_epi16(b)), _mm_set1_epi16(0xBFFF_u16 as i16));
-                if DT == DT_E4M3_FINITE {
-                    // The caller checked that none of these codes is the NaN code.
-                    return _mm256_cvtph_ps(y);
-                }
                 // The NaN code (magnitude 0x7F) would read as 1.875·2^-8·2^8: turn it into an fp16 NaN.
                 let nan = _mm_cmpeq_epi16(_mm_and_si128(y, _mm_set1_epi16(0x7FFF)), _mm_set1_epi16(0x3F80));
                 _mm256_cvtph_ps(_mm_or_si128(y, nan))
@@ -388,7 +397,7 @@ mod avx2 {
     unsafe fn qk_dt<const DT: u8>(q: &[f32], m: usize, keys: &[*const u8], s: &mut [f32], prefetch: &[*const u8]) {
         let n = keys.len();
         let row_bytes = HEAD_DIM_K * elt_bytes(DT);
-        // e4m3 widening costs ~9 uops per 8 elements: reuse each widened K chunk for up to 12 query rows.
+        // e4m3 widening costs 4-8 uops per 8 elements: reuse each widened K chunk for up to 12 query rows.
         let max_rows = if DT >= DT_E4M3 { 12 } else { QK_ROWS };
         // During the first row tile, each key tile also prefetches its share of the next block.
         let share = prefetch.len().div_ceil(n.max(1));
@@ -446,7 +455,12 @@ mod avx2 {
                 DT_BF16 => qk_dt::<DT_BF16>(q, m, keys, s, prefetch),
                 DT_F16 => qk_dt::<DT_F16>(q, m, keys, s, prefetch),
                 _ if e4m3_any_nan(keys, HEAD_DIM_K) => qk_dt::<DT_E4M3>(q, m, keys, s, prefetch),
-                _ => qk_dt::<DT_E4M3_FINITE>(q, m, keys, s, prefetch),
+                _ => {
+                    // K is widened to value·2^-120 here: Q·2^112 keeps every product the same real number as in the
+                    // other paths (value·2^-8), so the same bits.
+                    let q2: Vec<f32> = q[..m * HEAD_DIM_K].iter().map(|&x| x * E4M3_FINITE_QP_SCALE).collect();
+                    qk_dt::<DT_E4M3_FINITE>(&q2, m, keys, s, prefetch)
+                }
             }
         }
     }
@@ -617,7 +631,11 @@ mod avx2 {
                 DT_BF16 => pv_dt::<DT_BF16>(p, m, keys, factor, o),
                 DT_F16 => pv_dt::<DT_F16>(p, m, keys, factor, o),
                 _ if e4m3_any_nan(keys, HEAD_DIM_V) => pv_e4m3::<DT_E4M3>(p, m, keys, factor, o),
-                _ => pv_e4m3::<DT_E4M3_FINITE>(p, m, keys, factor, o),
+                _ => {
+                    // V is widened to value·2^-120: P·2^112 (exact, P <= 1) keeps every product as in the other paths.
+                    let p2: Vec<f32> = p[..m * S_STRIDE].iter().map(|&x| x * E4M3_FINITE_QP_SCALE).collect();
+                    pv_e4m3::<DT_E4M3_FINITE>(&p2, m, keys, factor, o)
+                }
             }
         }
     }
@@ -639,6 +657,27 @@ mod avx2 {
                 for (g, &c) in got.iter().zip(chunk) {
                     let want = mla_core::dtype::E4M3_TO_F32[c as usize] * super::super::E4M3_KV_UNIT;
                     assert!(g.to_bits() == want.to_bits() || (g.is_nan() && want.is_nan()), "code {c:#04x}: {g}");
+                }
+            }
+        }
+
+        #[test]
+        fn finite_e4m3_widening_is_exact_in_units_of_2_pow_minus_120() {
+            if !super::super::Isa::Avx2.is_available() {
+                return;
+            }
+            let codes: Vec<u8> = (0..=255u8).filter(|c| c & 0x7F != 0x7F).collect();
+            for chunk in codes.chunks(8) {
+                let mut c8 = [0u8; 8];
+                c8[..chunk.len()].copy_from_slice(chunk);
+                let mut got = [0f32; 8];
+                // SAFETY: AVX2 is available (checked above); `c8` holds 8 bytes; `got` holds 8 floats.
+                unsafe { _mm256_storeu_ps(got.as_mut_ptr(), widen8::<DT_E4M3_FINITE>(c8.as_ptr())) };
+                for (g, &c) in got.iter().zip(chunk) {
+                    let want = mla_core::dtype::E4M3_TO_F32[c as usize];
+                    // Exact: scaling back up by 2^120 (two exact steps) gives the table value.
+                    assert_eq!((g * 2f32.powi(60) * 2f32.powi(60)).to_bits(), want.to_bits(), "code {c:#04x}");
+                    assert_eq!((g * E4M3_FINITE_QP_SCALE).to_bits(), (want * super::super::E4M3_KV_UNIT).to_bits());
                 }
             }
         }
