@@ -14,6 +14,8 @@
 //! the programs link it from (`-L` and `-Wl,-rpath`), exactly as an engine links `libflashmla.so`.
 #![cfg(target_os = "linux")]
 
+mod common;
+
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -85,6 +87,9 @@ fn build_program(source: &Path, exe_name: &str, cpp: bool) -> PathBuf {
         .arg("-L")
         .arg(&deps)
         .arg("-lflashmla")
+        // A true RPATH (not RUNPATH) outranks LD_LIBRARY_PATH, which `cargo test` points at target/<profile>/ too:
+        // a libflashmla.so left there by an earlier `cargo build` must not shadow the one just built.
+        .arg("-Wl,--disable-new-dtags")
         .arg(format!("-Wl,-rpath,{}", deps.display()))
         .arg("-lm");
     if cpp {
@@ -157,6 +162,9 @@ fn docs_example_compiles_and_runs() {
         .arg("-L")
         .arg(&deps)
         .arg("-lflashmla")
+        // A true RPATH (not RUNPATH) outranks LD_LIBRARY_PATH, which `cargo test` points at target/<profile>/ too:
+        // a libflashmla.so left there by an earlier `cargo build` must not shadow the one just built.
+        .arg("-Wl,--disable-new-dtags")
         .arg(format!("-Wl,-rpath,{}", deps.display()))
         .arg("-lm");
     run(cmd, "compiling the example of docs/c-api.md");
@@ -173,19 +181,7 @@ fn exports_only_flashmla_symbols() {
     let names: Vec<&str> = listing.lines().filter_map(|l| l.split_whitespace().nth(2)).collect();
     let stray: Vec<&&str> = names.iter().filter(|n| !n.starts_with("flashmla_")).collect();
     assert!(stray.is_empty(), "libflashmla.so exports symbols without the flashmla_ prefix: {stray:?}");
-    for f in [
-        "flashmla_abi_version",
-        "flashmla_version",
-        "flashmla_last_error_message",
-        "flashmla_status_name",
-        "flashmla_backend_open",
-        "flashmla_backend_free",
-        "flashmla_backend_capabilities",
-        "flashmla_num_sm_parts",
-        "flashmla_workspace_size",
-        "flashmla_get_mla_metadata",
-        "flashmla_with_kvcache",
-    ] {
+    for f in common::ENTRY_POINTS {
         assert!(names.contains(&f), "{f} is not exported: {names:?}");
     }
 }

@@ -1,6 +1,8 @@
 //! `include/flashmla.h` is generated from this crate by cbindgen and checked in; this test regenerates it in memory
 //! and fails when the committed copy differs. `FLASHMLA_REGEN_HEADER=1` writes the new header instead.
 
+mod common;
+
 use std::path::{Path, PathBuf};
 
 fn crate_dir() -> PathBuf {
@@ -46,19 +48,7 @@ fn header_is_up_to_date() {
 #[test]
 fn header_declares_every_exported_function() {
     let header = std::fs::read_to_string(Path::new(&crate_dir()).join("../../include/flashmla.h")).unwrap();
-    for f in [
-        "flashmla_abi_version",
-        "flashmla_version",
-        "flashmla_last_error_message",
-        "flashmla_status_name",
-        "flashmla_backend_open",
-        "flashmla_backend_free",
-        "flashmla_backend_capabilities",
-        "flashmla_num_sm_parts",
-        "flashmla_workspace_size",
-        "flashmla_get_mla_metadata",
-        "flashmla_with_kvcache",
-    ] {
+    for f in common::ENTRY_POINTS {
         assert!(header.contains(&format!("{f}(")), "{f} missing from include/flashmla.h");
     }
     assert!(header.contains("#define FLASHMLA_ABI_VERSION 1"));

@@ -14,6 +14,21 @@ use std::path::PathBuf;
 
 use mla_core::DType;
 
+/// Every entry point of the C ABI, as exported by the library and declared in `include/flashmla.h`.
+pub const ENTRY_POINTS: [&str; 11] = [
+    "flashmla_abi_version",
+    "flashmla_version",
+    "flashmla_last_error_message",
+    "flashmla_status_name",
+    "flashmla_backend_open",
+    "flashmla_backend_free",
+    "flashmla_backend_capabilities",
+    "flashmla_num_sm_parts",
+    "flashmla_workspace_size",
+    "flashmla_get_mla_metadata",
+    "flashmla_with_kvcache",
+];
+
 pub type Status = i32;
 pub const OK: Status = 0;
 pub const INVALID_ARGUMENT: Status = 1;
