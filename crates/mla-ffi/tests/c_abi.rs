@@ -69,13 +69,15 @@ fn run(mut cmd: Command, what: &str) -> String {
     stdout
 }
 
-/// Compiles `source` against `include/` (and `tests/c/` for the shared problem) and links `libflashmla.so`.
-fn build_program(source: &Path, exe_name: &str, cpp: bool) -> PathBuf {
+/// Compiles `source` as language standard `std` (`c99`, `c11`, `c++17`) against `include/` (and `tests/c/` for the
+/// shared problem) and links `libflashmla.so`.
+fn build_program(source: &Path, exe_name: &str, std: &str) -> PathBuf {
     let root = repo_root();
     let deps = deps_dir();
     let exe = out_dir().join(exe_name);
+    let cpp = std.starts_with("c++");
     let mut cmd = compiler(cpp, exe_name);
-    cmd.arg(if cpp { "-std=c++17" } else { "-std=c11" })
+    cmd.arg(format!("-std={std}"))
         .args(["-Wall", "-Wextra", "-Werror", "-pedantic"])
         .arg("-I")
         .arg(root.join("include"))
@@ -126,14 +128,14 @@ fn header_compiles_as_c99_and_cpp17() {
 
 #[test]
 fn c11_program() {
-    let exe = build_program(&repo_root().join("tests/c/abi_test.c"), "abi_test_c", false);
+    let exe = build_program(&repo_root().join("tests/c/abi_test.c"), "abi_test_c", "c11");
     let stdout = run(Command::new(exe), "tests/c/abi_test.c");
     assert!(stdout.contains("abi_test.c: ok"), "{stdout}");
 }
 
 #[test]
 fn cpp17_program() {
-    let exe = build_program(&repo_root().join("tests/cpp/abi_test.cpp"), "abi_test_cpp", true);
+    let exe = build_program(&repo_root().join("tests/cpp/abi_test.cpp"), "abi_test_cpp", "c++17");
     let stdout = run(Command::new(exe), "tests/cpp/abi_test.cpp");
     assert!(stdout.contains("abi_test.cpp: ok"), "{stdout}");
 }
@@ -150,24 +152,7 @@ fn docs_example() -> String {
 fn docs_example_compiles_and_runs() {
     let src = out_dir().join("c_api_example.c");
     std::fs::write(&src, docs_example()).unwrap();
-    let root = repo_root();
-    let deps = deps_dir();
-    let exe = out_dir().join("c_api_example");
-    let mut cmd = compiler(false, "docs-example");
-    cmd.args(["-std=c99", "-Wall", "-Wextra", "-Werror", "-pedantic", "-I"])
-        .arg(root.join("include"))
-        .arg(&src)
-        .arg("-o")
-        .arg(&exe)
-        .arg("-L")
-        .arg(&deps)
-        .arg("-lflashmla")
-        // A true RPATH (not RUNPATH) outranks LD_LIBRARY_PATH, which `cargo test` points at target/<profile>/ too:
-        // a libflashmla.so left there by an earlier `cargo build` must not shadow the one just built.
-        .arg("-Wl,--disable-new-dtags")
-        .arg(format!("-Wl,-rpath,{}", deps.display()))
-        .arg("-lm");
-    run(cmd, "compiling the example of docs/c-api.md");
+    let exe = build_program(&src, "c_api_example", "c99");
     let stdout = run(Command::new(exe), "the example of docs/c-api.md");
     assert_eq!(stdout.matches("head ").count(), 2, "{stdout}");
 }
