@@ -41,16 +41,20 @@ pub struct Args {
 }
 
 impl Args {
-    /// Parses the arguments after the subcommand name. `booleans` lists the flags that take no value.
-    pub fn parse(raw: &[String], booleans: &[&str]) -> CliResult<Args> {
+    /// Parses the arguments after the subcommand name. `booleans` lists the flags that take no value; those in
+    /// `optional` take a value only when the next argument is not an option (`--varlen`, `--varlen fixed,varlen`).
+    pub fn parse(raw: &[String], booleans: &[&str], optional: &[&str]) -> CliResult<Args> {
         let mut pairs = Vec::new();
-        let mut it = raw.iter();
+        let mut it = raw.iter().peekable();
         while let Some(a) = it.next() {
             let Some(body) = a.strip_prefix("--") else {
                 return Err(cli_err!("unexpected argument `{a}` (options start with --)"));
             };
             if let Some((k, v)) = body.split_once('=') {
                 pairs.push((k.to_string(), Some(v.to_string())));
+            } else if optional.contains(&body) {
+                let v = it.next_if(|next| !next.starts_with("--")).cloned();
+                pairs.push((body.to_string(), v));
             } else if booleans.contains(&body) {
                 pairs.push((body.to_string(), None));
             } else {
@@ -127,7 +131,7 @@ mod tests {
     use super::*;
 
     fn args(s: &[&str], b: &[&str]) -> CliResult<Args> {
-        Args::parse(&s.iter().map(|x| x.to_string()).collect::<Vec<_>>(), b)
+        Args::parse(&s.iter().map(|x| x.to_string()).collect::<Vec<_>>(), b, &[])
     }
 
     #[test]
@@ -147,5 +151,17 @@ mod tests {
         assert!(a.finish().unwrap_err().0.contains("--typo"));
         assert!(args(&["--h-q"], &[]).unwrap_err().0.contains("--h-q needs a value"));
         assert!(args(&["plain"], &[]).is_err());
+    }
+
+    #[test]
+    fn optional_values() {
+        let raw = |s: &[&str]| s.iter().map(|x| x.to_string()).collect::<Vec<_>>();
+        let a = Args::parse(&raw(&["--varlen", "fixed", "--x", "1"]), &[], &["varlen"]).unwrap();
+        assert_eq!(a.value("varlen"), Some("fixed"));
+        assert_eq!(a.value("x"), Some("1"));
+        let a = Args::parse(&raw(&["--varlen", "--x", "1"]), &[], &["varlen"]).unwrap();
+        assert!(a.flag("varlen") && a.value("varlen").is_none());
+        let a = Args::parse(&raw(&["--varlen"]), &[], &["varlen"]).unwrap();
+        assert!(a.flag("varlen") && a.value("varlen").is_none());
     }
 }

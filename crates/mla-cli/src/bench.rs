@@ -1,5 +1,6 @@
 //! `flashmla bench`: upstream's benchmark grid, scaled to this machine, with upstream's formulas and this
-//! machine's measured ceilings.
+//! machine's measured ceilings. `--backend hopper` runs upstream's full grid on the GPU instead
+//! ([`crate::bench_hopper`]).
 //!
 //! | grid | configurations (per dtype) | why |
 //! |---|---|---|
@@ -54,6 +55,9 @@ fn grid(args: &Args) -> CliResult<Vec<Config>> {
     let s_qs: Vec<usize> = args.list("s-q")?.unwrap_or_else(|| vec![1, 2]);
     let batch: usize = args.parsed_or("batch", 16)?;
     let seqlen: Option<usize> = args.parsed("seqlen")?;
+    if args.value("varlen").is_some() {
+        return Err(cli_err!("--varlen takes no value (a list of fixed,varlen is for --backend hopper)"));
+    }
     let varlen = args.flag("varlen");
     let causal = !args.flag("no-causal");
     let which = args.value("grid").unwrap_or("all").to_string();
@@ -148,10 +152,16 @@ fn write_json(path: &str, device: &str, backend: &str, ceil: Option<Ceilings>, r
     std::fs::write(path, s).map_err(|e| cli_err!("{path}: cannot write: {e}"))
 }
 
-/// Runs `flashmla bench`.
+/// Runs `flashmla bench`: `--backend hopper` (and `auto` where the Hopper backend opens) is
+/// [`crate::bench_hopper`], upstream's benchmark on the GPU; every other backend runs the grid above.
 pub fn run(args: &Args) -> CliResult {
     let backend_name = args.value("backend").unwrap_or("cpu").to_string();
     let ordinal: i32 = args.parsed_or("device", 0)?;
+    if backend_name == "hopper"
+        || (backend_name == "auto" && flashmla::open_backend("auto", ordinal).is_ok_and(|b| b.name() == "hopper"))
+    {
+        return crate::bench_hopper::run(args);
+    }
     let threads: Option<usize> = args.parsed("threads")?;
     let min_iters: usize = args.parsed_or("iters", 3)?;
     let min_time: f64 = args.parsed_or("min-time", 0.3)?;

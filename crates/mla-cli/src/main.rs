@@ -6,12 +6,14 @@
 //! | `plan` | the split-KV scheduler's output for given lengths |
 //! | `decode` | one decode step, `.npy` files in and out |
 //! | `demo` | a random engine-like step on the best backend, checked against the CPU reference, timed |
-//! | `bench` | upstream's benchmark grid (scaled), with this machine's measured ceilings |
+//! | `bench` | upstream's benchmark grid (scaled), with this machine's measured ceilings; `--backend hopper`: upstream's H100 benchmark against its figures |
 //!
 //! Errors are one line on stderr and exit status 2; nothing panics on bad input.
 
+mod anchors;
 mod args;
 mod bench;
+mod bench_hopper;
 mod check;
 mod decode;
 mod demo;
@@ -47,7 +49,19 @@ commands:
           [--h-q 16,32,64,128] [--s-q 1,2] [--batch 16] [--seqlen N] [--varlen] [--no-causal]
           [--iters 3] [--min-time 0.3] [--json FILE] [--no-ceilings]
                                             time, GB/s, GFLOP/s next to measured copy bandwidth and FMA peak
+  bench   --backend hopper [--device N] [--grid upstream|small] [--dtype bf16,fp16,e4m3]
+          [--sk 4096,8192,16384] [--h-q 16,32,64,128] [--s-q 1,2] [--varlen [fixed,varlen]] [--batch 128]
+          [--no-causal] [--iters 30] [--sets 2] [--seed 0] [--sync-each] [--json FILE] [--no-ceilings] [--dry-run]
+                                            upstream's H100 benchmark: whole decode call timed with CUDA events
+                                            (median, input sets rotated past L2), TFLOPS, GB/s, ratio to
+                                            upstream's figure, the device's copy bandwidth; --grid small: issue 6's
+                                            small and imbalanced batches (aliases: --dtypes, --seqlen, --hq, --sq)
 ";
+
+/// Boolean options of `bench`.
+const BENCH_BOOLEANS: &[&str] = &["no-causal", "no-ceilings", "sync-each", "dry-run"];
+/// Options of `bench` that take a value only when one follows (`--varlen`, `--varlen fixed,varlen`).
+const BENCH_OPTIONAL: &[&str] = &["varlen"];
 
 /// Boolean options, by command.
 fn booleans(cmd: &str) -> &'static [&'static str] {
@@ -55,13 +69,21 @@ fn booleans(cmd: &str) -> &'static [&'static str] {
         "plan" => &["json"],
         "decode" => &["causal"],
         "demo" => &["fixed-len", "no-causal"],
-        "bench" => &["varlen", "no-causal", "no-ceilings"],
+        "bench" => BENCH_BOOLEANS,
+        _ => &[],
+    }
+}
+
+/// Options that may or may not take a value, by command.
+fn optional_values(cmd: &str) -> &'static [&'static str] {
+    match cmd {
+        "bench" => BENCH_OPTIONAL,
         _ => &[],
     }
 }
 
 fn dispatch(cmd: &str, rest: &[String]) -> CliResult {
-    let args = Args::parse(rest, booleans(cmd))?;
+    let args = Args::parse(rest, booleans(cmd), optional_values(cmd))?;
     match cmd {
         "info" => info::run(&args),
         "plan" => plan::run(&args),
