@@ -3,11 +3,13 @@
 //! ```text
 //!  unit (item = request i, blocks [b0, b1), KV head g)          M = s_q·h_q/h_kv query rows, r = t·(h_q/h_kv) + h'
 //!    Q_g  [M, 576] f32  (widened once)
-//!    for each 64-token block (tokens → pages through the block table, any page size):
-//!        S  = Q_g · K_blkᵀ            [M, n]   (simd::qk: each widened K chunk serves 6 query rows, e4m3 12)
+//!    for each step of n keys (tokens → pages through the block table, any page size): a 64-token block, or for
+//!    memory-bound shapes a fused step of 8-12 keys inside a block (`step_keys`; the rows a few steps on are
+//!    prefetched meanwhile, at a unit's end those of the next unit):
+//!        S  = Q_g · K_stepᵀ           [M, n]   (simd::qk: each widened K chunk serves 6 query rows, e4m3 12)
 //!        S *= scale;  causal / length mask → −inf
 //!        m' = max(m, rowmax S);  f = exp(m − m');  P = exp(S − m');  l = l·f + Σ P
-//!        O  = O·f + P · V_blk         [M, 512] (simd::pv)
+//!        O  = O·f + P · V_step        [M, 512] (simd::pv)
 //!    no split:  out[i, t, h] = O / l (rounded RNE), lse = m + ln l     (nothing seen: out 0, lse +inf)
 //!    split:     o_accum[row, g, r] = O / l (f32),  lse_accum = m + ln l (nothing seen: 0 and −inf)
 //!  combine (request with ≥ 2 splits, KV head g): splitkv::combine_weights, out = Σ_s w_s · O_s in split order
@@ -23,7 +25,30 @@ use mla_core::{DType, DecodeArgs, DecodeProblem, HEAD_DIM_K, HEAD_DIM_V, ScalarT
 use rayon::prelude::*;
 
 use crate::prepare::Prepared;
-use crate::simd::{self, Isa, S_STRIDE};
+use crate::simd::{self, Isa, Prefetch, QueryRows, S_STRIDE};
+
+/// Prefetch distance (keys) of the fused steps (see [`step_keys`]).
+const FUSED_AHEAD: usize = 16;
+
+/// Keys per online-softmax step, and the prefetch distance in keys, for `m` query rows of dtype `dt`.
+///
+/// - Memory-bound units (M·element bytes ≤ 2: bf16/fp16 with M = 1, e4m3 with M ≤ 2) take **fused steps** of
+///   8 (M = 1) or 12 (M = 2) keys, one `qk` key tile: scores, softmax update and `P·V` of those keys while their
+///   rows are in L1, and the rows [`FUSED_AHEAD`] keys on (into the next unit at the end) are prefetched into L1,
+///   spread over `pv`'s column tiles.
+/// - Everything else takes whole 64-key blocks and prefetches the next block into L2 during `qk` (reloading an
+///   M×512 output tile every few keys would cost the compute-bound rows more than it saves; 16-bit M = 2 measured
+///   slower fused).
+///
+/// The step is part of the arithmetic (each step rescales O by `exp(m − m')`), so it depends on the shape and
+/// dtype only, never on the instruction set or the thread count.
+fn step_keys(m: usize, dt: DType) -> (usize, usize) {
+    match (m, dt.size_bytes()) {
+        (1, _) => (8, FUSED_AHEAD),
+        (2, 1) => (12, FUSED_AHEAD),
+        _ => (BLOCK_SIZE_N, BLOCK_SIZE_N),
+    }
+}
 
 /// A raw pointer that may be shared between the rayon workers of one decode call.
 #[derive(Clone, Copy)]
@@ -76,7 +101,12 @@ pub(crate) fn run(args: &DecodeArgs, prob: &DecodeProblem, prep: &Prepared, isa:
     };
     let h_kv = prob.shape.h_kv;
     let units: Vec<(usize, usize)> = (0..prep.items.len()).flat_map(|k| (0..h_kv).map(move |g| (k, g))).collect();
-    units.par_iter().for_each(|&(k, g)| attend(&ctx, &prep.items[k], g));
+    // Each unit also prefetches the first rows of the unit after it, which the same thread usually runs next
+    // (rayon hands out contiguous ranges): the short units of a memory-bound step would otherwise start cold.
+    units.par_iter().enumerate().for_each(|(u, &(k, g))| {
+        let next = units.get(u + 1).map(|&(k, g)| (&prep.items[k], g));
+        attend(&ctx, &prep.items[k], g, next)
+    });
 
     let split_reqs: Vec<(usize, usize)> = (0..prob.shape.batch)
         .filter(|&i| prep.num_splits[i + 1] - prep.num_splits[i] > 1)
@@ -111,8 +141,21 @@ unsafe fn write_out_row(ctx: &Ctx, i: usize, t: usize, h: usize, o: &[f32], lse:
     }
 }
 
-/// One (work item, KV head) unit: attention of the M query rows of head group `g` over the item's blocks.
-fn attend(ctx: &Ctx, item: &WorkItem, g: usize) {
+/// The K rows of `item`'s keys for KV head `g`, in key order (at most `limit`).
+fn unit_keys(ctx: &Ctx, item: &WorkItem, g: usize, limit: usize) -> Vec<*const u8> {
+    let ps = ctx.prob.page_size;
+    let pages = &ctx.prep.pages[item.req];
+    let j_begin = item.begin_block * BLOCK_SIZE_N;
+    let j_end =
+        (item.end_block * BLOCK_SIZE_N).min(ctx.prep.seqlens[item.req] as usize).min(j_begin.saturating_add(limit));
+    (j_begin..j_end)
+        .map(|j| elem_addr(&ctx.args.k_cache, &[pages[j / ps] as usize, j % ps, g, 0]).0 as *const u8)
+        .collect()
+}
+
+/// One (work item, KV head) unit: attention of the M query rows of head group `g` over the item's blocks; `next`
+/// is the unit to prefetch the first rows of.
+fn attend(ctx: &Ctx, item: &WorkItem, g: usize, next: Option<(&WorkItem, usize)>) {
     let prob = ctx.prob;
     let sh = prob.shape;
     let hpk = sh.heads_per_kv();
@@ -127,41 +170,43 @@ fn attend(ctx: &Ctx, item: &WorkItem, g: usize) {
         // SAFETY: (i, t, h) is inside q's validated shape; the row's 576 elements are contiguous.
         unsafe { simd::widen_row(dt, elem_addr(&ctx.args.q, &[i, t, h, 0]).0, &mut q[r * HEAD_DIM_K..][..HEAD_DIM_K]) };
     }
+    let q = QueryRows::new(ctx.isa, dt, q);
     let mut o = vec![0f32; m * HEAD_DIM_V];
     let mut s = vec![0f32; m * S_STRIDE];
     let mut row_max = vec![f32::NEG_INFINITY; m];
     let mut row_sum = vec![0f32; m];
     let mut factor = vec![1f32; m];
-    let pages = &ctx.prep.pages[i];
-    let kc = &ctx.args.k_cache;
-    let block_keys = |blk: usize, keys: &mut Vec<*const u8>| {
-        keys.clear();
-        for j in blk * BLOCK_SIZE_N..((blk + 1) * BLOCK_SIZE_N).min(s_k) {
-            let page = pages[j / prob.page_size] as usize;
-            keys.push(elem_addr(kc, &[page, j % prob.page_size, g, 0]).0 as *const u8);
-        }
-    };
-    let mut keys: Vec<*const u8> = Vec::with_capacity(BLOCK_SIZE_N);
-    let mut next: Vec<*const u8> = Vec::with_capacity(BLOCK_SIZE_N);
-    if item.begin_block < item.end_block {
-        block_keys(item.begin_block, &mut next);
+    // Every key row of the unit, in key order; then, for the prefetch only, the first rows of the next unit.
+    let j_begin = item.begin_block * BLOCK_SIZE_N;
+    let (step, ahead) = step_keys(m, dt);
+    let fused = step < BLOCK_SIZE_N;
+    let mut keys = unit_keys(ctx, item, g, usize::MAX);
+    let n_keys = keys.len();
+    if let Some((item2, g2)) = next.filter(|_| fused) {
+        keys.extend(unit_keys(ctx, item2, g2, ahead));
+    }
+    let row_bytes = HEAD_DIM_K * dt.size_bytes();
+    if fused {
+        // The first steps' rows, at once (there is nothing yet to overlap them with).
+        Prefetch { rows: &keys[..ahead.min(keys.len())], bytes: row_bytes, l1: true }.all();
     }
 
-    for blk in item.begin_block..item.end_block {
-        let j0 = blk * BLOCK_SIZE_N;
-        std::mem::swap(&mut keys, &mut next);
-        next.clear();
-        if blk + 1 < item.end_block {
-            // The next block's rows are prefetched while this block computes: pages are scattered, which the
-            // hardware prefetchers cannot follow, and a single core is otherwise latency-bound.
-            block_keys(blk + 1, &mut next);
-        }
-        let n = keys.len();
+    let mut j = 0;
+    while j < n_keys {
+        let j0 = j_begin + j;
+        let n = (n_keys - j).min(step).min(BLOCK_SIZE_N - j0 % BLOCK_SIZE_N);
+        let step_rows = &keys[j..j + n];
+        // The rows `ahead` keys on stream in while this step computes: pages are scattered, which the hardware
+        // prefetchers cannot follow, and a single core is otherwise latency-bound.
+        let pf = &keys[(j + ahead).min(keys.len())..(j + ahead + n).min(keys.len())];
+        let pf = Prefetch { rows: pf, bytes: row_bytes, l1: fused };
+        // Fused steps spread the prefetch over `pv`'s column tiles, block steps over `qk`'s key tiles.
+        let (pf_qk, pf_pv) = if fused { (Prefetch::NONE, pf) } else { (pf, Prefetch::NONE) };
         // SAFETY: every key pointer addresses a validated page (prepare), row < page_size and head g < h_kv: 576
         // contiguous readable elements. Buffer sizes match m.
-        unsafe { simd::qk(ctx.isa, dt, &q, m, &keys, &mut s, &next) };
+        let nan_free = unsafe { simd::qk(ctx.isa, dt, &q, m, step_rows, &mut s, pf_qk) };
         for r in 0..m {
-            // Keys this row may see in the block: all, or up to s_k − s_q + t (bottom-right causal).
+            // Keys this row may see in the step: all, or up to s_k − s_q + t (bottom-right causal).
             let visible = if prob.causal {
                 let last = s_k as i64 - sh.s_q as i64 + (r / hpk) as i64; // inclusive
                 (last + 1 - j0 as i64).clamp(0, n as i64) as usize
@@ -169,19 +214,19 @@ fn attend(ctx: &Ctx, item: &WorkItem, g: usize) {
                 n
             };
             let row = &mut s[r * S_STRIDE..r * S_STRIDE + n];
-            let mut blk_max = f32::NEG_INFINITY;
+            let mut step_max = f32::NEG_INFINITY;
             for x in row[..visible].iter_mut() {
                 *x *= ctx.score_scale;
-                blk_max = blk_max.max(*x);
+                step_max = step_max.max(*x);
             }
-            let new_max = row_max[r].max(blk_max);
+            let new_max = row_max[r].max(step_max);
             if new_max == f32::NEG_INFINITY {
                 // Nothing seen yet: P = 0, O stays 0.
                 row.fill(0.0);
                 factor[r] = 1.0;
                 continue;
             }
-            factor[r] = (row_max[r] - new_max).exp(); // 0 on the first block seen, 1 if the max did not move
+            factor[r] = (row_max[r] - new_max).exp(); // 0 on the first step seen, 1 if the max did not move
             let mut sum = row_sum[r] * factor[r];
             for x in row[..visible].iter_mut() {
                 *x = (*x - new_max).exp();
@@ -192,7 +237,8 @@ fn attend(ctx: &Ctx, item: &WorkItem, g: usize) {
             row_max[r] = new_max;
         }
         // SAFETY: as for qk; the V rows are the first 512 elements of the same K rows.
-        unsafe { simd::pv(ctx.isa, dt, &s, m, &keys, &factor, &mut o) };
+        unsafe { simd::pv(ctx.isa, dt, &mut s, m, step_rows, &factor, &mut o, pf_pv, nan_free) };
+        j += n;
     }
 
     for r in 0..m {
@@ -256,5 +302,52 @@ fn combine(ctx: &Ctx, i: usize, g: usize) {
         let (t, h) = (r / hpk, g * hpk + r % hpk);
         // SAFETY: request i has splits, so no unit wrote its out rows; (i, g) is this combine task's alone.
         unsafe { write_out_row(ctx, i, t, h, &acc, lse) };
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use mla_core::DType;
+
+    use crate::problem::{HostOutputs, HostProblem, HostRun, RandomSpec};
+    use crate::{CpuBackend, CpuOptions, Isa};
+
+    fn run(p: &HostProblem, threads: usize, isa: Isa) -> HostOutputs {
+        let be = CpuBackend::with_options(CpuOptions { threads: Some(threads), isa: Some(isa) }).unwrap();
+        let mut r = HostRun::new(&be, p).unwrap();
+        r.decode().unwrap();
+        r.outputs()
+    }
+
+    /// The fused steps (M = 1 for every dtype, M = 2 for e4m3) and the block steps next to them (M = 2, 3), with
+    /// several KV heads (so units prefetch into their successors), varlen lengths, causal masks and page sizes that
+    /// do not divide the 64-token blocks: the SIMD path on 1 and 2 threads equals the scalar path bit for bit.
+    #[test]
+    fn fused_steps_match_the_scalar_path() {
+        let best = Isa::detect();
+        for dtype in DType::ALL {
+            for (s_q, h_q, h_kv) in [(1, 3, 3), (2, 4, 4), (1, 4, 2), (3, 2, 2)] {
+                for page_size in [64, 5] {
+                    let spec = RandomSpec {
+                        batch: 3,
+                        s_q,
+                        h_q,
+                        h_kv,
+                        mean_seqlen: 150,
+                        varlen: true,
+                        page_size,
+                        dtype,
+                        causal: true,
+                        seed: 7 + s_q as u64 + page_size as u64,
+                    };
+                    let p = HostProblem::random(&spec);
+                    let golden = run(&p, 1, Isa::Scalar);
+                    for threads in [1, 2] {
+                        let got = run(&p, threads, best);
+                        assert!(got.bitwise_eq(&golden), "{dtype} s_q {s_q} h_q {h_q} h_kv {h_kv} page {page_size}");
+                    }
+                }
+            }
+        }
     }
 }

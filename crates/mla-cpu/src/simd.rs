@@ -130,21 +130,27 @@ pub(crate) unsafe fn widen_row(dt: DType, row: *const u8, out: &mut [f32]) {
     }
 }
 
-/// Asks the memory system to start loading the first `bytes` bytes of every row into L2, so the next block's K/V
-/// rows stream in while this block computes. Pages are scattered (a permuted block table, page sizes down to 1),
-/// which the hardware prefetchers cannot follow. No effect on results; a no-op off x86-64.
-pub(crate) fn prefetch_rows(rows: &[*const u8], bytes: usize) {
+/// Cache lines (64 bytes) spanned by the `bytes` bytes at `r`: a row need not start on a line (a cache buffer
+/// from `malloc` is 16-byte aligned), and its last line must be fetched too.
+#[inline(always)]
+pub(crate) fn row_lines(r: *const u8, bytes: usize) -> usize {
+    ((r as usize & 63) + bytes).div_ceil(64)
+}
+
+/// Prefetches line `l` (0-based, 64-byte lines from the one holding `r`) of the row at `r`: into L1 (`T0`) for rows
+/// needed within a few key tiles, into L2 (`T1`) for rows a whole block ahead. No effect on results; a no-op off
+/// x86-64.
+#[inline(always)]
+pub(crate) fn prefetch_line<const L1: bool>(r: *const u8, l: usize) {
     #[cfg(target_arch = "x86_64")]
-    for &r in rows {
-        for off in (0..bytes).step_by(64) {
-            // SAFETY: prefetch never faults, whatever the address; `wrapping_add` keeps the arithmetic defined.
-            unsafe {
-                std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T1 }>(r.wrapping_add(off).cast())
-            };
-        }
+    {
+        use std::arch::x86_64::{_MM_HINT_T0, _MM_HINT_T1, _mm_prefetch};
+        let p = r.wrapping_sub(r as usize & 63).wrapping_add(64 * l).cast();
+        // SAFETY: prefetch never faults, whatever the address; `wrapping_*` keeps the arithmetic defined.
+        unsafe { if L1 { _mm_prefetch::<_MM_HINT_T0>(p) } else { _mm_prefetch::<_MM_HINT_T1>(p) } };
     }
     #[cfg(not(target_arch = "x86_64"))]
-    let _ = (rows, bytes);
+    let _ = (r, l);
 }
 
 /// The fixed reduction tree of the 8 lane accumulators.
@@ -155,35 +161,106 @@ fn tree8(a: [f32; LANES]) -> f32 {
     q[0] + q[1]
 }
 
-/// Scores of one block: `s[r·S_STRIDE + j] = q_r · k_j` (unscaled) for `r < m`, `j < keys.len()`. The rows of
-/// `prefetch` (the next block) are prefetched a few at a time between key tiles, so that their loads overlap this
-/// block's arithmetic instead of stalling in one burst.
+/// The query rows of one unit, widened once, in the forms the kernels need.
+pub(crate) struct QueryRows {
+    /// `m` rows of 576 f32 (stride 576).
+    pub(crate) q: Vec<f32>,
+    /// `q · 2^112` for the AVX2 e4m3 path on NaN-free blocks (empty otherwise): scaled once per unit, not per call.
+    q_hi: Vec<f32>,
+}
+
+impl QueryRows {
+    /// Wraps widened query rows for kernels of `isa` on `dt` caches.
+    pub(crate) fn new(isa: Isa, dt: DType, q: Vec<f32>) -> Self {
+        let q_hi = if isa == Isa::Avx2 && dt == DType::E4M3 {
+            q.iter().map(|&x| x * E4M3_FINITE_QP_SCALE).collect()
+        } else {
+            Vec::new()
+        };
+        QueryRows { q, q_hi }
+    }
+}
+
+/// The e4m3 AVX2 path widens NaN-free K/V blocks to value·2^-120 instead of value·2^-8 (= [`E4M3_KV_UNIT`]): the
+/// other factor of each product (Q, P) is scaled by 2^112, exactly (|Q| <= 448, P <= 1).
+const E4M3_FINITE_QP_SCALE: f32 = 5_192_296_858_534_827_628_530_496_329_220_096.0; // 2^112
+
+/// Rows to prefetch while a kernel runs, their length in bytes, and the cache level (L1 for rows needed within a
+/// few key tiles, L2 for rows a block ahead).
+#[derive(Clone, Copy)]
+pub(crate) struct Prefetch<'a> {
+    pub(crate) rows: &'a [*const u8],
+    pub(crate) bytes: usize,
+    pub(crate) l1: bool,
+}
+
+impl Prefetch<'_> {
+    /// No prefetch.
+    pub(crate) const NONE: Prefetch<'static> = Prefetch { rows: &[], bytes: 0, l1: false };
+
+    /// Prefetches line `l` of row `r`.
+    #[inline(always)]
+    fn line(&self, r: *const u8, l: usize) {
+        if self.l1 { prefetch_line::<true>(r, l) } else { prefetch_line::<false>(r, l) }
+    }
+
+    /// Every line of row `r`.
+    #[inline(always)]
+    fn row(&self, r: *const u8) {
+        for l in 0..row_lines(r, self.bytes) {
+            self.line(r, l);
+        }
+    }
+
+    /// Share `t` of `parts` of the rows (for spreading them over a loop), at once.
+    #[inline(always)]
+    fn part(&self, t: usize, parts: usize) {
+        let n = self.rows.len();
+        for &r in &self.rows[t * n / parts..(t + 1) * n / parts] {
+            self.row(r);
+        }
+    }
+
+    /// Every line of the rows, at once.
+    pub(crate) fn all(&self) {
+        for &r in self.rows {
+            self.row(r);
+        }
+    }
+}
+
+/// Scores of up to one block of keys: `s[r·S_STRIDE + j] = q_r · k_j` (unscaled) for `r < m`, `j < keys.len()`.
+/// The rows of `prefetch` are prefetched a share per key tile, so that their loads overlap this call's arithmetic
+/// (`pv` spreads its `prefetch` rows over its column tiles in the same way).
+///
+/// Returns true when it found that the rows hold no e4m3 NaN code (AVX2 e4m3 only; false means "not known"): `pv`
+/// on the same rows can then skip its own scan.
 ///
 /// # Safety
-/// Every `keys[j]` points at a readable K row of 576 elements of dtype `dt`; `q.len() >= m·576`,
+/// Every `keys[j]` points at a readable K row of 576 elements of dtype `dt`; `q.q.len() >= m·576`,
 /// `s.len() >= m·S_STRIDE`, `keys.len() <= S_STRIDE`.
 pub(crate) unsafe fn qk(
     isa: Isa,
     dt: DType,
-    q: &[f32],
+    q: &QueryRows,
     m: usize,
     keys: &[*const u8],
     s: &mut [f32],
-    prefetch: &[*const u8],
-) {
-    assert!(q.len() >= m * HEAD_DIM_K && s.len() >= m * S_STRIDE && keys.len() <= S_STRIDE);
-    let row_bytes = HEAD_DIM_K * dt.size_bytes();
+    prefetch: Prefetch,
+) -> bool {
+    assert!(q.q.len() >= m * HEAD_DIM_K && s.len() >= m * S_STRIDE && keys.len() <= S_STRIDE);
     if isa == Isa::Scalar || keys.is_empty() {
-        prefetch_rows(prefetch, row_bytes);
+        prefetch.all();
     }
     match isa {
         // SAFETY: forwarded from the caller.
         Isa::Scalar => unsafe {
             match dt_tag(dt) {
-                DT_BF16 => qk_scalar::<DT_BF16>(q, m, keys, s),
-                DT_F16 => qk_scalar::<DT_F16>(q, m, keys, s),
-                _ => qk_scalar::<DT_E4M3>(q, m, keys, s),
+                DT_BF16 => qk_scalar::<DT_BF16>(&q.q, m, keys, s),
+                DT_F16 => qk_scalar::<DT_F16>(&q.q, m, keys, s),
+                _ => qk_scalar::<DT_E4M3>(&q.q, m, keys, s),
             }
+            false
         },
         #[cfg(target_arch = "x86_64")]
         // SAFETY: an `Isa::Avx2` value only reaches here from a backend that checked `Isa::is_available` (see
@@ -198,9 +275,25 @@ pub(crate) unsafe fn qk(
 /// `keys[j]`.
 ///
 /// # Safety
-/// As [`qk`]; `o.len() >= m·512`, `factor.len() >= m`, `p.len() >= m·S_STRIDE`.
-pub(crate) unsafe fn pv(isa: Isa, dt: DType, p: &[f32], m: usize, keys: &[*const u8], factor: &[f32], o: &mut [f32]) {
+/// As [`qk`]; `o.len() >= m·512`, `factor.len() >= m`, `p.len() >= m·S_STRIDE`. `p` is scratch: the AVX2 e4m3
+/// path scales its first `keys.len()` columns in place. `nan_free`: what [`qk`] returned for the same rows (true
+/// only if they hold no e4m3 NaN code).
+#[allow(clippy::too_many_arguments)]
+pub(crate) unsafe fn pv(
+    isa: Isa,
+    dt: DType,
+    p: &mut [f32],
+    m: usize,
+    keys: &[*const u8],
+    factor: &[f32],
+    o: &mut [f32],
+    prefetch: Prefetch,
+    nan_free: bool,
+) {
     assert!(o.len() >= m * HEAD_DIM_V && p.len() >= m * S_STRIDE && factor.len() >= m && keys.len() <= S_STRIDE);
+    if isa == Isa::Scalar {
+        prefetch.all();
+    }
     match isa {
         // SAFETY: forwarded from the caller.
         Isa::Scalar => unsafe {
@@ -212,7 +305,7 @@ pub(crate) unsafe fn pv(isa: Isa, dt: DType, p: &[f32], m: usize, keys: &[*const
         },
         #[cfg(target_arch = "x86_64")]
         // SAFETY: as in `qk`.
-        Isa::Avx2 => unsafe { avx2::pv(dt, p, m, keys, factor, o) },
+        Isa::Avx2 => unsafe { avx2::pv(dt, p, m, keys, factor, o, prefetch, nan_free) },
         #[cfg(not(target_arch = "x86_64"))]
         Isa::Avx2 => unreachable!("AVX2 is never selected off x86-64"),
     }
@@ -266,14 +359,13 @@ mod avx2 {
 
     use std::arch::x86_64::*;
 
-    use super::{DT_BF16, DT_E4M3, DT_E4M3_FINITE, DT_F16, HEAD_DIM_K, HEAD_DIM_V, LANES, S_STRIDE, dt_tag, elt_bytes};
+    use super::{
+        DT_BF16, DT_E4M3, DT_E4M3_FINITE, DT_F16, E4M3_FINITE_QP_SCALE, HEAD_DIM_K, HEAD_DIM_V, LANES, Prefetch,
+        QueryRows, S_STRIDE, dt_tag, elt_bytes,
+    };
     use mla_core::DType;
 
     const QK_ROWS: usize = 6;
-
-    /// [`DT_E4M3_FINITE`] widens to value·2^-120 instead of value·2^-8 (= [`super::E4M3_KV_UNIT`]): the other
-    /// factor of each product (Q, P) is scaled by 2^112, exactly (|Q| <= 448, P <= 1).
-    const E4M3_FINITE_QP_SCALE: f32 = 5_192_296_858_534_827_628_530_496_329_220_096.0; // 2^112
     const PV_ROWS: usize = 6;
 
     /// Eight elements starting at `p`, widened to f32.
@@ -394,13 +486,12 @@ mod avx2 {
     /// # Safety
     /// See [`super::qk`].
     #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn qk_dt<const DT: u8>(q: &[f32], m: usize, keys: &[*const u8], s: &mut [f32], prefetch: &[*const u8]) {
+    unsafe fn qk_dt<const DT: u8>(q: &[f32], m: usize, keys: &[*const u8], s: &mut [f32], prefetch: Prefetch) {
         let n = keys.len();
-        let row_bytes = HEAD_DIM_K * elt_bytes(DT);
         // e4m3 widening costs 4-8 uops per 8 elements: reuse each widened K chunk for up to 12 query rows.
         let max_rows = if DT >= DT_E4M3 { 12 } else { QK_ROWS };
         // During the first row tile, each key tile also prefetches its share of the next block.
-        let share = prefetch.len().div_ceil(n.max(1));
+        let share = prefetch.rows.len().div_ceil(n.max(1));
         let mut r0 = 0;
         while r0 < m {
             let rows = (m - r0).min(max_rows);
@@ -411,9 +502,9 @@ mod avx2 {
                 let sp = s[r0 * S_STRIDE + j0..].as_mut_ptr();
                 let kk = &keys[j0..j0 + cols];
                 if r0 == 0 {
-                    let from = (j0 * share).min(prefetch.len());
-                    let to = ((j0 + cols) * share).min(prefetch.len());
-                    super::prefetch_rows(&prefetch[from..to], row_bytes);
+                    let from = (j0 * share).min(prefetch.rows.len());
+                    let to = ((j0 + cols) * share).min(prefetch.rows.len());
+                    Prefetch { rows: &prefetch.rows[from..to], ..prefetch }.all();
                 }
                 macro_rules! tiles {
                     ($r:literal: $($c:literal)*) => {
@@ -448,21 +539,29 @@ mod avx2 {
 
     /// # Safety
     /// The CPU supports AVX2, FMA and F16C; otherwise as [`super::qk`].
-    pub(super) unsafe fn qk(dt: DType, q: &[f32], m: usize, keys: &[*const u8], s: &mut [f32], prefetch: &[*const u8]) {
+    pub(super) unsafe fn qk(
+        dt: DType,
+        q: &QueryRows,
+        m: usize,
+        keys: &[*const u8],
+        s: &mut [f32],
+        prefetch: Prefetch,
+    ) -> bool {
         // SAFETY: CPU features and pointer contract from the caller.
         unsafe {
             match dt_tag(dt) {
-                DT_BF16 => qk_dt::<DT_BF16>(q, m, keys, s, prefetch),
-                DT_F16 => qk_dt::<DT_F16>(q, m, keys, s, prefetch),
-                _ if e4m3_any_nan(keys, HEAD_DIM_K) => qk_dt::<DT_E4M3>(q, m, keys, s, prefetch),
+                DT_BF16 => qk_dt::<DT_BF16>(&q.q, m, keys, s, prefetch),
+                DT_F16 => qk_dt::<DT_F16>(&q.q, m, keys, s, prefetch),
+                _ if e4m3_any_nan(keys, HEAD_DIM_K) => qk_dt::<DT_E4M3>(&q.q, m, keys, s, prefetch),
                 _ => {
                     // K is widened to value·2^-120 here: Q·2^112 keeps every product the same real number as in the
                     // other paths (value·2^-8), so the same bits.
-                    let q2: Vec<f32> = q[..m * HEAD_DIM_K].iter().map(|&x| x * E4M3_FINITE_QP_SCALE).collect();
-                    qk_dt::<DT_E4M3_FINITE>(&q2, m, keys, s, prefetch)
+                    qk_dt::<DT_E4M3_FINITE>(&q.q_hi, m, keys, s, prefetch);
+                    return true;
                 }
             }
         }
+        false
     }
 
     /// `R` output rows × `8·W` columns starting at column `d0`.
@@ -554,8 +653,21 @@ mod avx2 {
     /// # Safety
     /// See [`super::pv`].
     #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn pv_e4m3<const DT: u8>(p: &[f32], m: usize, keys: &[*const u8], factor: &[f32], o: &mut [f32]) {
+    unsafe fn pv_e4m3<const DT: u8>(
+        p: &[f32],
+        m: usize,
+        keys: &[*const u8],
+        factor: &[f32],
+        o: &mut [f32],
+        pf: Prefetch,
+    ) {
         let n = keys.len();
+        if m < 7 {
+            // Short tiles only (all of a small M): the wide tiles, and no 24 KiB broadcast buffer to set up.
+            // SAFETY: forwarded.
+            return unsafe { pv_dt::<DT>(p, m, keys, factor, o, pf) };
+        }
+        pf.all();
         let mut pb = [_mm256_setzero_ps(); PV_ROWS_E4M3 * S_STRIDE];
         let mut r0 = 0;
         while r0 < m {
@@ -563,7 +675,10 @@ mod avx2 {
             if rows < 7 {
                 // Short remainders: the wide tiles.
                 // SAFETY: forwarded; the sub-slices start at row r0.
-                unsafe { pv_dt::<DT>(&p[r0 * S_STRIDE..], rows, keys, &factor[r0..], &mut o[r0 * HEAD_DIM_V..]) };
+                unsafe {
+                    let (pr, fr, or) = (&p[r0 * S_STRIDE..], &factor[r0..], &mut o[r0 * HEAD_DIM_V..]);
+                    pv_dt::<DT>(pr, rows, keys, fr, or, Prefetch { rows: &[], ..pf })
+                };
                 break;
             }
             for r in 0..rows {
@@ -592,7 +707,14 @@ mod avx2 {
     /// # Safety
     /// See [`super::pv`].
     #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn pv_dt<const DT: u8>(p: &[f32], m: usize, keys: &[*const u8], factor: &[f32], o: &mut [f32]) {
+    unsafe fn pv_dt<const DT: u8>(
+        p: &[f32],
+        m: usize,
+        keys: &[*const u8],
+        factor: &[f32],
+        o: &mut [f32],
+        pf: Prefetch,
+    ) {
         let mut r0 = 0;
         while r0 < m {
             let rows = (m - r0).min(PV_ROWS);
@@ -606,6 +728,10 @@ mod avx2 {
                 _ => 64,
             };
             for d0 in (0..HEAD_DIM_V).step_by(cols) {
+                if r0 == 0 {
+                    // The prefetch rows, spread over the first row tile's column tiles.
+                    pf.part(d0 / cols, HEAD_DIM_V / cols);
+                }
                 // SAFETY: rows bound the tile inside p, factor and o (asserted sizes in `super::pv`); d0 + cols <= 512.
                 unsafe {
                     match rows {
@@ -624,17 +750,30 @@ mod avx2 {
 
     /// # Safety
     /// The CPU supports AVX2, FMA and F16C; otherwise as [`super::pv`].
-    pub(super) unsafe fn pv(dt: DType, p: &[f32], m: usize, keys: &[*const u8], factor: &[f32], o: &mut [f32]) {
+    #[allow(clippy::too_many_arguments)]
+    pub(super) unsafe fn pv(
+        dt: DType,
+        p: &mut [f32],
+        m: usize,
+        keys: &[*const u8],
+        factor: &[f32],
+        o: &mut [f32],
+        pf: Prefetch,
+        nan_free: bool,
+    ) {
         // SAFETY: CPU features and pointer contract from the caller.
         unsafe {
             match dt_tag(dt) {
-                DT_BF16 => pv_dt::<DT_BF16>(p, m, keys, factor, o),
-                DT_F16 => pv_dt::<DT_F16>(p, m, keys, factor, o),
-                _ if e4m3_any_nan(keys, HEAD_DIM_V) => pv_e4m3::<DT_E4M3>(p, m, keys, factor, o),
+                DT_BF16 => pv_dt::<DT_BF16>(p, m, keys, factor, o, pf),
+                DT_F16 => pv_dt::<DT_F16>(p, m, keys, factor, o, pf),
+                // V is the first 512 elements of K: no scan if qk found no NaN code in the whole rows.
+                _ if !nan_free && e4m3_any_nan(keys, HEAD_DIM_V) => pv_e4m3::<DT_E4M3>(p, m, keys, factor, o, pf),
                 _ => {
                     // V is widened to value·2^-120: P·2^112 (exact, P <= 1) keeps every product as in the other paths.
-                    let p2: Vec<f32> = p[..m * S_STRIDE].iter().map(|&x| x * E4M3_FINITE_QP_SCALE).collect();
-                    pv_e4m3::<DT_E4M3_FINITE>(&p2, m, keys, factor, o)
+                    for r in 0..m {
+                        p[r * S_STRIDE..][..keys.len()].iter_mut().for_each(|x| *x *= E4M3_FINITE_QP_SCALE);
+                    }
+                    pv_e4m3::<DT_E4M3_FINITE>(p, m, keys, factor, o, pf)
                 }
             }
         }
@@ -755,10 +894,13 @@ mod tests {
                 let run = |isa| {
                     let mut s = vec![0f32; m * S_STRIDE];
                     let mut o: Vec<f32> = (0..m * HEAD_DIM_V).map(|i| (i % 7) as f32).collect();
+                    let qr = QueryRows::new(isa, DType::E4M3, q.clone());
+                    let mut p = p.clone();
                     // SAFETY: every key row has 576 readable bytes; buffer sizes match m.
                     unsafe {
-                        qk(isa, DType::E4M3, &q, m, &keys, &mut s, &[]);
-                        pv(isa, DType::E4M3, &p, m, &keys, &f, &mut o);
+                        let nan_free = qk(isa, DType::E4M3, &qr, m, &keys, &mut s, Prefetch::NONE);
+                        assert!(!nan_free || nan_at.is_none(), "qk: NaN at {nan_at:?} reported as absent");
+                        pv(isa, DType::E4M3, &mut p, m, &keys, &f, &mut o, Prefetch::NONE, nan_free);
                     }
                     (s, o)
                 };
