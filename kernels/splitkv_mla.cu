@@ -20,42 +20,25 @@
 // rows past the request's end never leaks; V rows past the end are zeroed in shared memory before P·V (0 · NaN is
 // NaN). Rows that see nothing give out = 0, lse = +inf. A request with one split writes out/lse directly; a split
 // writes its normalised partial O and its log2-domain lse to the workspace for kernels/combine.cu.
-#include "mla_params.h"
-#include "mla_ptx.cuh"
+#include "splitkv_common.cuh"
 
 namespace mla {
 
-enum Kind : int { KIND_BF16 = 0, KIND_F16 = 1, KIND_E4M3 = 2 };
-
-constexpr int NUM_THREADS = 256;    // two warpgroups
-constexpr int WG_THREADS = 128;     // one warpgroup
-constexpr int CHUNK_BYTES = 8192;   // 64 rows x 128 bytes, one SW128 atom column
-constexpr int ROW_BYTES = 128;      // a swizzled tile row
-constexpr int SW128_SBO = 1024;     // 8 rows x 128 B: stride between 8-row groups
-constexpr int SW64_SBO = 512;       // 8 rows x 64 B (the e4m3 SW64 tail)
-constexpr int KMAJOR_LBO = 16;      // ignored for swizzled K-major operands
-constexpr int V_HALF_COLS = 256;    // output columns per warpgroup
-constexpr int V_CHUNKS = HEAD_DIM_V / 64;           // 16-bit V chunks (8)
 constexpr int VT_ROW_BYTES = PAGE_TOKENS;           // e4m3 Vᵀ: one row per V column, one byte per token
 constexpr int VT_BYTES = HEAD_DIM_V * VT_ROW_BYTES;  // 32 KiB
 constexpr int VT_HALF_BYTES = V_HALF_COLS * VT_ROW_BYTES;  // start of Vᵀ rows 256..511
 constexpr int FP8_K_STEP_BYTES = 32;                // one k32 step of an e4m3 K-major operand
 constexpr int FP8_PV_K_STEPS = PAGE_TOKENS / 32;    // 2
-constexpr int V_HALF_BYTES = 4 * CHUNK_BYTES;       // start of V columns 256..511 in a 16-bit tile
-constexpr int V_K16_STEP_BYTES = 16 * ROW_BYTES;    // 16 tokens down the MN-major V view
-constexpr int V_MN_LBO = CHUNK_BYTES;               // MN-major: stride between 64-column blocks
 // Named barriers between the two warpgroups (all over 256 threads: one side arrives, the other syncs). Page i:
 constexpr int BAR_P_READY = 1;   // WG0 → WG1: P(i) in sP, row scales in s_scale, V(i) tail zeroed
 constexpr int BAR_SP_FREE = 2;   // WG1 → WG0: WG1 has read sP(i) and s_scale(i)
 constexpr int BAR_L_DONE = 3;    // WG0 → WG1: WG0's P·V(i) is complete (page i / sV no longer read by WG0)
 constexpr int BAR_V_READY = 4;   // WG1 → WG0 (e4m3): V(i) converted into sV
-constexpr float LN2 = 0.69314718055994530942f;
 
 template <int KIND>
 struct Traits;
 template <>
 struct Traits<KIND_BF16> {
-  using Out = __nv_bfloat16;
   static constexpr int ELEM_BYTES = 2;
   static constexpr int CHUNKS = 9;          // 576 columns / 64, all SW128
   static constexpr int COLS_PER_CHUNK = 64;
@@ -66,7 +49,6 @@ struct Traits<KIND_BF16> {
 };
 template <>
 struct Traits<KIND_F16> {
-  using Out = __half;
   static constexpr int ELEM_BYTES = 2;
   static constexpr int CHUNKS = 9;
   static constexpr int COLS_PER_CHUNK = 64;
@@ -77,7 +59,6 @@ struct Traits<KIND_F16> {
 };
 template <>
 struct Traits<KIND_E4M3> {
-  using Out = __nv_bfloat16;
   static constexpr int ELEM_BYTES = 1;
   static constexpr int CHUNKS = 4;          // 576 columns = 4 SW128 chunks of 128 + a 64-column SW64 tail
   static constexpr int COLS_PER_CHUNK = 128;
@@ -110,15 +91,6 @@ static_assert(Smem<KIND_E4M3>::DYNAMIC_BYTES <= 232448, "e4m3 plan exceeds the 2
 static_assert(Smem<KIND_E4M3>::TILE % 1024 == 0 && Smem<KIND_E4M3>::TAIL % 512 == 0, "swizzle atoms need alignment");
 static_assert(Smem<KIND_E4M3>::V % 1024 == 0 && Smem<KIND_E4M3>::P % 1024 == 0, "Vᵀ and sP are swizzled tiles");
 
-// SW64 tile of 64-byte rows: 16-byte vector j of `row` (the XOR takes row bits 1-2, see the primer §3).
-__device__ __forceinline__ uint32_t swz64(int row, int vec16) {
-  return static_cast<uint32_t>(row * 64 + ((vec16 ^ ((row >> 1) & 3)) << 4));
-}
-
-__device__ __forceinline__ uint32_t swz128(int row, int vec16) {
-  return static_cast<uint32_t>(row * ROW_BYTES + ((vec16 ^ (row & 7)) << 4));
-}
-
 template <int KIND>
 __device__ __forceinline__ void issue_page_load(const CUtensorMap* tmap_k, const CUtensorMap* tmap_tail, uint32_t dst,
                                                 uint32_t bar, int kv_head, int page) {
@@ -131,33 +103,6 @@ __device__ __forceinline__ void issue_page_load(const CUtensorMap* tmap_k, const
   if constexpr (Tr::TAIL_BYTES > 0) {
     tma_load_4d(dst + Smem<KIND>::TAIL, tmap_tail, Tr::CHUNKS * Tr::COLS_PER_CHUNK, kv_head, 0, page, bar);
   }
-}
-
-// All 256 threads copy the 64 x 576 query tile into the swizzled K-major layout (zeros past the last row) with
-// cp.async, so all of a thread's 16-byte pieces are in flight at once (a load → store loop would serialise ~18
-// DRAM round trips per request: 7% of the kernel's stall samples in ncu before this).
-template <int KIND>
-__device__ __forceinline__ void load_q_tile(uint32_t sq, const DecodeParams& p, int req, int kv_head, int tile_row0) {
-  constexpr int VEC_PER_ROW = HEAD_DIM_K * Traits<KIND>::ELEM_BYTES / 16;
-  const uint8_t* q = static_cast<const uint8_t*>(p.q);
-  for (int idx = threadIdx.x; idx < BLOCK_M * VEC_PER_ROW; idx += NUM_THREADS) {
-    const int row = idx / VEC_PER_ROW;
-    const int v = idx % VEC_PER_ROW;
-    const int rg = tile_row0 + row;
-    const uint8_t* src = q;
-    uint32_t bytes = 0;
-    if (rg < p.q_seq_per_hk) {
-      const int t = rg / p.heads_per_kv;
-      const int h = kv_head * p.heads_per_kv + rg % p.heads_per_kv;
-      src = q + (req * p.q_stride_b + t * p.q_stride_t + h * p.q_stride_h) * Traits<KIND>::ELEM_BYTES + v * 16;
-      bytes = 16;
-    }
-    const int sw128_vecs = Traits<KIND>::CHUNKS * 8;  // e4m3: the last 4 vectors (RoPE) go to the SW64 tail
-    const uint32_t dst = v < sw128_vecs ? (v / 8) * CHUNK_BYTES + swz128(row, v % 8)
-                                        : Smem<KIND>::TAIL + swz64(row, v - sw128_vecs);
-    cp_async_16(sq + dst, src, bytes);
-  }
-  cp_async_wait_all();
 }
 
 // Issues S[64x64] = Q · Kᵀ for one page (WG0) as one wgmma group; the caller waits for it.
@@ -332,31 +277,11 @@ __device__ __forceinline__ void transpose_v_e4m3(const uint8_t* __restrict__ sk,
   }
 }
 
-// 16-bit only (WG0): zero V rows valid..63 of a page (NaN or garbage past the request's end).
-__device__ __forceinline__ void zero_v_tail(uint8_t* sk, int valid, int tw) {
-  constexpr int VEC_PER_V_ROW = V_CHUNKS * 8;
-  for (int idx = tw; idx < (PAGE_TOKENS - valid) * VEC_PER_V_ROW; idx += WG_THREADS) {
-    const int row = valid + idx / VEC_PER_V_ROW;
-    const int v = idx % VEC_PER_V_ROW;
-    *reinterpret_cast<uint4*>(sk + (v / 8) * CHUNK_BYTES + row * ROW_BYTES + (v % 8) * 16) = make_uint4(0, 0, 0, 0);
-  }
-}
-
-template <int KIND>
-__device__ __forceinline__ uint32_t pack_p(float lo, float hi) {
-  if constexpr (KIND == KIND_BF16) {
-    return pack_bf16x2(lo, hi);
-  } else {
-    return pack_f16x2(lo, hi);
-  }
-}
-
 template <int KIND>
 __device__ __forceinline__ void splitkv_body(const CUtensorMap* tmap_k, const CUtensorMap* tmap_tail,
                                              const DecodeParams& p) {
   using Tr = Traits<KIND>;
   using Sm = Smem<KIND>;
-  using Out = typename Tr::Out;
   extern __shared__ __align__(1024) uint8_t smem_raw[];
   const uint32_t raw = smem_u32(smem_raw);
   const uint32_t base = (raw + 1023u) & ~1023u;
@@ -384,7 +309,6 @@ __device__ __forceinline__ void splitkv_body(const CUtensorMap* tmap_k, const CU
   const int32_t* md = p.metadata + blockIdx.z * METADATA_WORDS;
   const int begin_req = md[0], end_req = md[1];
   if (begin_req > end_req) return;  // an empty part
-  const int first_block = md[2], last_end_block = md[3], first_split = md[4];
 
   if (tid == 0) {
     for (int b = 0; b < Sm::NB; ++b) mbar_init(bars + 8 * b, 1);
@@ -409,40 +333,21 @@ __device__ __forceinline__ void splitkv_body(const CUtensorMap* tmap_k, const CU
   uint32_t phase = 0;  // bit b: parity of the next completion of K buffer b
 
   for (int req = begin_req; req <= end_req; ++req) {
-    const int s_k = max(p.seqlens[req], 0);
-    int blk_begin = req == begin_req ? first_block : 0;
-    int blk_end = req == end_req ? last_end_block : (s_k + PAGE_TOKENS - 1) / PAGE_TOKENS;
-    const int split_base = p.num_splits[req];
-    const bool is_split = p.num_splits[req + 1] - split_base > 1;
-    const int split_row = split_base + (req == begin_req ? first_split : 0);
-
-    // Keys the tile's last row can see: pages past them are skipped (causal), and the block table is never read
-    // past max_blocks_per_seq.
-    int tile_limit = s_k;
-    if (p.causal) {
-      const int t_max = (tile_row0 + rows_in_tile - 1) / p.heads_per_kv;
-      tile_limit = min(s_k, max(0, s_k - p.s_q + t_max + 1));
-    }
-    blk_end = min(blk_end, min((tile_limit + PAGE_TOKENS - 1) / PAGE_TOKENS, p.max_blocks_per_seq));
-    const int nblk = max(0, blk_end - blk_begin);
-    const int32_t* bt = p.block_table + req * p.bt_stride_b;
+    const RequestSlice r = request_slice(p, md, req, tile_row0, rows_in_tile);
+    const int s_k = r.s_k, blk_begin = r.blk_begin, nblk = r.nblk;
+    const int32_t* bt = r.bt;
 
     if (tid == 0) {
       for (int b = 0; b < min(nblk, Sm::NB); ++b) {
         issue_page_load<KIND>(tmap_k, tmap_tail, base + Sm::K0 + b * Sm::TILE, bars + 8 * b, kv_head, bt[blk_begin + b]);
       }
     }
-    load_q_tile<KIND>(sq, p, req, kv_head, tile_row0);
+    load_q_tile<Tr::ELEM_BYTES, Tr::CHUNKS, Sm::TAIL>(sq, p, req, kv_head, tile_row0);
     fence_proxy_async();
     __syncthreads();
 
     // Keys visible to each of this thread's two rows (bottom-right causal: token t sees j <= s_k - s_q + t).
-    int limit[2];
-#pragma unroll
-    for (int h = 0; h < 2; ++h) {
-      const int t = (tile_row0 + row_a + 8 * h) / p.heads_per_kv;
-      limit[h] = p.causal ? min(s_k, s_k - p.s_q + t + 1) : s_k;
-    }
+    const int limit[2] = {row_limit(p, s_k, tile_row0 + row_a), row_limit(p, s_k, tile_row0 + row_a + 8)};
 
     float o[128];
 #pragma unroll
@@ -612,41 +517,9 @@ __device__ __forceinline__ void splitkv_body(const CUtensorMap* tmap_k, const CU
       }
     }
     __syncthreads();
-#pragma unroll
-    for (int h = 0; h < 2; ++h) {
-      const int row = row_a + 8 * h;
-      const int rg = tile_row0 + row;
-      if (rg >= p.q_seq_per_hk) continue;
-      const float m = s_row_m[row];
-      const float l = s_row_l[row];
-      const bool empty = !(l > 0.0f);  // nothing seen (or an underflowed / NaN sum)
-      const float inv = empty ? 0.0f : v_scale / l;
-      const int col0 = wg * V_HALF_COLS + 2 * quad;
-      if (!is_split) {
-        const int t = rg / p.heads_per_kv;
-        const int head = kv_head * p.heads_per_kv + rg % p.heads_per_kv;
-        Out* orow = static_cast<Out*>(p.out) + req * p.o_stride_b + t * p.o_stride_t + head * p.o_stride_h;
-#pragma unroll
-        for (int jj = 0; jj < 32; ++jj) {
-          const float a = o[4 * jj + 2 * h] * inv, b = o[4 * jj + 2 * h + 1] * inv;
-          const uint32_t packed = Tr::OUT_F16 ? pack_f16x2(a, b) : pack_bf16x2(a, b);
-          *reinterpret_cast<uint32_t*>(orow + col0 + 8 * jj) = packed;
-        }
-        if (wg == 0 && quad == 0) {
-          p.lse[req * p.lse_stride_b + head * p.lse_stride_h + t * p.lse_stride_t] =
-              empty ? INFINITY : (m + log2f(l)) * LN2;
-        }
-      } else {
-        const int64_t prow = (static_cast<int64_t>(split_row) * p.h_kv + kv_head) * p.q_seq_per_hk + rg;
-        float* orow = p.o_accum + prow * HEAD_DIM_V;
-#pragma unroll
-        for (int jj = 0; jj < 32; ++jj) {
-          *reinterpret_cast<float2*>(orow + col0 + 8 * jj) =
-              make_float2(o[4 * jj + 2 * h] * inv, o[4 * jj + 2 * h + 1] * inv);
-        }
-        if (wg == 0 && quad == 0) p.lse_accum[prow] = empty ? -INFINITY : m + log2f(l);
-      }
-    }
+    const float m[2] = {s_row_m[row_a], s_row_m[row_a + 8]};
+    const float l[2] = {s_row_l[row_a], s_row_l[row_a + 8]};
+    store_rows<Tr::OUT_F16>(o, p, r, req, kv_head, tile_row0, row_a, quad, wg, m, l, v_scale);
     __syncthreads();  // s_row_m / s_row_l and sQ are reused by the next request
   }
 }
