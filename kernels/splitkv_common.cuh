@@ -1,12 +1,9 @@
-// What the two split-KV kernels share: the CTA shape, swizzled tile addressing, the query-tile load, the part →
-// request bookkeeping and the epilogue that writes out/lse (whole request) or a partial (split).
+// The split kernel's building blocks that do not depend on the dtype's pipeline: the CTA shape, swizzled tile
+// addressing, the query-tile load, the part → request bookkeeping and the epilogue that writes out/lse (whole
+// request) or a partial (split). kernels/splitkv_mla.cu holds the pipeline itself.
 //
-//   kernel                 dtypes       pipeline
-//   splitkv_seesaw.cu      bf16, f16    two pages in flight, each warpgroup owns one page's softmax ("seesaw")
-//   splitkv_mla.cu         e4m3         one page at a time, WG0 owns the softmax, WG1 builds Vᵀ
-//
-// Both use 256 threads (two warpgroups); warpgroup w owns output columns [256w, 256w + 256) of the 64 x 512 tile,
-// and thread t of a warpgroup holds rows row_a = 16·(t/32) + (t%32)/4 and row_a + 8 of every wgmma accumulator.
+// 256 threads (two warpgroups); warpgroup w owns output columns [256w, 256w + 256) of the 64 x 512 tile, and thread
+// t of a warpgroup holds rows row_a = 16·(t/32) + (t%32)/4 and row_a + 8 of every wgmma accumulator.
 #pragma once
 
 #include <type_traits>

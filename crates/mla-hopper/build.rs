@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 /// Every kernel source, compiled to `<name>.cubin`.
-const KERNELS: [&str; 4] = ["splitkv_seesaw", "splitkv_mla", "combine", "get_metadata"];
+const KERNELS: [&str; 3] = ["splitkv_mla", "combine", "get_metadata"];
 /// Headers the kernels include.
 const HEADERS: [&str; 3] = ["mla_ptx.cuh", "mla_params.h", "splitkv_common.cuh"];
 /// wgmma and setmaxnreg need the arch-specific target.

@@ -5,7 +5,7 @@
 //! | step | kernel (`kernels/`) | grid | what it does |
 //! |---|---|---|---|
 //! | [`MlaBackend::get_mla_metadata`] | `get_metadata.cu` | 1 CTA | device `cache_seqlens` → per-part work ranges, `num_splits` (= `mla_core::scheduler::plan`) |
-//! | [`MlaBackend::decode`] (1) | `splitkv_seesaw.cu` (bf16/f16), `splitkv_mla.cu` (e4m3) | (⌈q_seq_per_hk/64⌉, h_kv, parts) | attention over each part's pages; whole requests write `out`/`lse`, splits write partials |
+//! | [`MlaBackend::decode`] (1) | `splitkv_mla.cu` | (⌈q_seq_per_hk/64⌉, h_kv, parts) | attention over each part's pages; whole requests write `out`/`lse`, splits write partials |
 //! | [`MlaBackend::decode`] (2) | `combine.cu` | (b, ⌈h_kv·q_seq_per_hk/8⌉) | merges the partials of split requests (log2-domain LSE) |
 //!
 //! The workspace is mla-core's default [`mla_core::WorkspaceLayout`]; `lse_accum` holds **base-2** log-sum-exps
@@ -48,7 +48,6 @@ pub fn build_info() -> &'static str {
 /// The embedded cubins (one per kernel file).
 #[cfg(not(mla_no_kernels))]
 mod cubins {
-    pub(crate) const SEESAW: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/splitkv_seesaw.cubin"));
     pub(crate) const SPLITKV: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/splitkv_mla.cubin"));
     pub(crate) const COMBINE: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/combine.cubin"));
     pub(crate) const METADATA: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/get_metadata.cubin"));
@@ -64,11 +63,7 @@ const COMBINE_ROWS_PER_CTA: u32 = 8;
 const SCHED_THREADS: u32 = 256;
 /// One SW128 tile chunk: 64 rows × 128 bytes.
 const CHUNK_BYTES: u32 = 8192;
-/// Shared memory of the bf16/f16 split kernel (mirrors `seesaw::Smem::DYNAMIC_BYTES` in `kernels/splitkv_seesaw.cu`;
-/// the kernel traps if given less): Q tile + two page buffers + sP0 + 5 × 64 f32 + one mbarrier per chunk of each
-/// buffer + 1024 bytes to align the base.
-const SMEM_SEESAW: u32 = 3 * 9 * CHUNK_BYTES + CHUNK_BYTES + 5 * 64 * 4 + 8 * 2 * 9 + 1024;
-/// Shared memory of the e4m3 split kernel (mirrors `Smem<KIND>::DYNAMIC_BYTES` in `kernels/splitkv_mla.cu`; the kernel
+/// Shared memory of the split kernel (mirrors `Smem<KIND>::DYNAMIC_BYTES` in `kernels/splitkv_mla.cu`; the kernel
 /// traps if given less): Q tile + `bufs` page buffers (+ e4m3: 64 KiB, of which the kernel's transposed V tile uses
 /// 32 KiB since v4; shrinking it needs a device run) + P + 3 × 64 f32 + one mbarrier per buffer + 1024 bytes to align
 /// the base.
@@ -101,10 +96,6 @@ pub fn device_count() -> usize {
 struct Kernels {
     _modules: Vec<Arc<CudaModule>>,
     splitkv: [CudaFunction; 3],
-    /// Experimental bf16/f16 kernel with two pages in flight (slower than `splitkv[0..2]`: docs/performance.md).
-    seesaw: [CudaFunction; 2],
-    /// `FLASHMLA_HOPPER_PIPELINE=seesaw` picks it (A/B measurements only).
-    use_seesaw: bool,
     combine_bf16: CudaFunction,
     combine_f16: CudaFunction,
     metadata: CudaFunction,
@@ -177,8 +168,8 @@ impl HopperBackend {
         use cudarc::nvrtc::Ptx;
         let init = |call| move |source| HopperError::Init { call, source };
         let load = |bytes: &[u8]| ctx.load_module(Ptx::from_binary(bytes.to_vec())).map_err(init("cuModuleLoadData"));
-        let (split_mod, seesaw_mod, combine_mod, meta_mod) =
-            (load(cubins::SPLITKV)?, load(cubins::SEESAW)?, load(cubins::COMBINE)?, load(cubins::METADATA)?);
+        let (split_mod, combine_mod, meta_mod) =
+            (load(cubins::SPLITKV)?, load(cubins::COMBINE)?, load(cubins::METADATA)?);
         let func = |m: &Arc<CudaModule>, name| m.load_function(name).map_err(init("cuModuleGetFunction"));
         let splitkv = [
             func(&split_mod, "mla_splitkv_bf16")?,
@@ -186,13 +177,9 @@ impl HopperBackend {
             func(&split_mod, "mla_splitkv_e4m3")?,
         ];
         let smem_attr = sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES;
-        let seesaw = [func(&seesaw_mod, "mla_splitkv_seesaw_bf16")?, func(&seesaw_mod, "mla_splitkv_seesaw_f16")?];
-        for (f, bytes) in
-            splitkv.iter().zip([SMEM_16BIT, SMEM_16BIT, SMEM_E4M3]).chain(seesaw.iter().zip([SMEM_SEESAW; 2]))
-        {
+        for (f, bytes) in splitkv.iter().zip([SMEM_16BIT, SMEM_16BIT, SMEM_E4M3]) {
             f.set_attribute(smem_attr, bytes as i32).map_err(init("cuFuncSetAttribute"))?;
         }
-        let use_seesaw = std::env::var("FLASHMLA_HOPPER_PIPELINE").is_ok_and(|v| v == "seesaw");
         let metadata = func(&meta_mod, "mla_get_metadata")?;
         metadata.set_attribute(smem_attr, (SCHED_SMEM_MAX_BATCH * 4) as i32).map_err(init("cuFuncSetAttribute"))?;
         Ok(Kernels {
@@ -200,9 +187,7 @@ impl HopperBackend {
             combine_f16: func(&combine_mod, "mla_combine_f16")?,
             metadata,
             splitkv,
-            seesaw,
-            use_seesaw,
-            _modules: vec![split_mod, seesaw_mod, combine_mod, meta_mod],
+            _modules: vec![split_mod, combine_mod, meta_mod],
         })
     }
 
@@ -390,15 +375,11 @@ impl MlaBackend for HopperBackend {
             heads_per_kv: p.heads_per_kv,
             q_seq_per_hk: p.q_seq_per_hk,
         };
-        let k = &self.kernels;
         let (split_fn, smem, combine_fn) = match shape.dtype {
-            DType::Bf16 if k.use_seesaw => (&k.seesaw[0], SMEM_SEESAW, &k.combine_bf16),
-            DType::F16 if k.use_seesaw => (&k.seesaw[1], SMEM_SEESAW, &k.combine_f16),
             DType::Bf16 => (&self.kernels.splitkv[0], SMEM_16BIT, &self.kernels.combine_bf16),
             DType::F16 => (&self.kernels.splitkv[1], SMEM_16BIT, &self.kernels.combine_f16),
             DType::E4M3 => (&self.kernels.splitkv[2], SMEM_E4M3, &self.kernels.combine_bf16),
         };
-        const { assert!(SMEM_SEESAW <= SMEM_OPT_IN_LIMIT && SMEM_16BIT <= SMEM_OPT_IN_LIMIT) };
         debug_assert!(smem <= SMEM_OPT_IN_LIMIT);
         let m_blocks = qsph.div_ceil(mla_core::scheduler::BLOCK_SIZE_M);
         let grid_y =
