@@ -63,7 +63,7 @@ struct Traits<KIND_E4M3> {
   static constexpr int CHUNKS = 4;          // 576 columns = 4 SW128 chunks of 128 + a 64-column SW64 tail
   static constexpr int COLS_PER_CHUNK = 128;
   static constexpr int TAIL_BYTES = 64 * 64;  // 64 rows x 64 bytes (the RoPE columns), SW64, own tensor map
-  static constexpr int NUM_BUFS = 3;        // 36 KiB pages: three fit, so two loads stay in flight
+  static constexpr int NUM_BUFS = 3;        // 36 KiB pages: three keep two loads in flight (four measured 1-3% slower)
   static constexpr bool FP8 = true;
   static constexpr bool OUT_F16 = false;
 };

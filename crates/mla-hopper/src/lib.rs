@@ -64,11 +64,10 @@ const SCHED_THREADS: u32 = 256;
 /// One SW128 tile chunk: 64 rows × 128 bytes.
 const CHUNK_BYTES: u32 = 8192;
 /// Shared memory of the split kernel (mirrors `Smem<KIND>::DYNAMIC_BYTES` in `kernels/splitkv_mla.cu`; the kernel
-/// traps if given less): Q tile + `bufs` page buffers (+ e4m3: 64 KiB, of which the kernel's transposed V tile uses
-/// 32 KiB since v4; shrinking it needs a device run) + P + 3 × 64 f32 + one mbarrier per buffer + 1024 bytes to align
-/// the base.
+/// traps if given less): Q tile + `bufs` page buffers (+ e4m3: the 32 KiB transposed V tile) + P + 3 × 64 f32 + one
+/// mbarrier per buffer + 1024 bytes to align the base.
 const fn splitkv_smem_bytes(tile: u32, bufs: u32, fp8: bool) -> u32 {
-    (1 + bufs) * tile + if fp8 { 8 * CHUNK_BYTES } else { 0 } + CHUNK_BYTES + 3 * 64 * 4 + 8 * bufs + 1024
+    (1 + bufs) * tile + if fp8 { 4 * CHUNK_BYTES } else { 0 } + CHUNK_BYTES + 3 * 64 * 4 + 8 * bufs + 1024
 }
 /// 16-bit: 9 SW128 chunks per tile, two page buffers.
 const SMEM_16BIT: u32 = splitkv_smem_bytes(9 * CHUNK_BYTES, 2, false);
