@@ -34,6 +34,9 @@ constexpr int BAR_P_READY = 1;   // WG0 → WG1: P(i) in sP, row scales in s_sca
 constexpr int BAR_SP_FREE = 2;   // WG1 → WG0: WG1 has read sP(i) and s_scale(i)
 constexpr int BAR_L_DONE = 3;    // WG0 → WG1: WG0's P·V(i) is complete (page i / sV no longer read by WG0)
 constexpr int BAR_V_READY = 4;   // WG1 → WG0 (e4m3): V(i) converted into sV
+// Lazy rescaling: the softmax reference max follows the running max only when it falls behind by more than this
+// (log2 units), so P <= 2^8 (exact in bf16/f16/e4m3 range) and O is rescaled on few pages instead of every page.
+constexpr float RESCALE_SLACK_LOG2 = 8.0f;
 
 template <int KIND>
 struct Traits;
@@ -393,10 +396,14 @@ __device__ __forceinline__ void splitkv_body(const CUtensorMap* tmap_k, const CU
           }
           mx = fmaxf(mx, __shfl_xor_sync(0xffffffff, mx, 1));
           mx = fmaxf(mx, __shfl_xor_sync(0xffffffff, mx, 2));
-          const float m_new = fmaxf(m_run[h], mx);
-          const float m_use = m_new == -INFINITY ? 0.0f : m_new;  // a row that saw nothing yet stays at 0
-          row_scale[h] = exp2_approx(m_run[h] - m_use);
-          m_run[h] = m_new;
+          // The reference max moves only when the page's max exceeds it by more than RESCALE_SLACK_LOG2 (the
+          // first finite max always moves it: −inf + slack = −inf), so most pages leave O alone. P = 2^(s − m) is
+          // then at most 2^RESCALE_SLACK_LOG2; O and l share the reference, so the result is unchanged.
+          const bool raise = fmaxf(m_run[h], mx) > m_run[h] + RESCALE_SLACK_LOG2;
+          const float m_ref = raise ? mx : m_run[h];
+          const float m_use = m_ref == -INFINITY ? 0.0f : m_ref;  // a row that saw nothing yet stays at 0
+          row_scale[h] = raise ? exp2_approx(m_run[h] - m_use) : 1.0f;
+          m_run[h] = m_ref;
           float sum = 0.0f;
 #pragma unroll
           for (int jj = 0; jj < 8; ++jj) {
@@ -449,8 +456,10 @@ __device__ __forceinline__ void splitkv_body(const CUtensorMap* tmap_k, const CU
         fence_proxy_async();
         named_barrier_arrive(BAR_P_READY, NUM_THREADS);
         if constexpr (Tr::FP8) named_barrier_sync(BAR_V_READY, NUM_THREADS);
+        if (__any_sync(0xffffffff, row_scale[0] != 1.0f || row_scale[1] != 1.0f)) {  // warp-uniform skip of × 1
 #pragma unroll
-        for (int j = 0; j < 128; ++j) o[j] *= row_scale[(j >> 1) & 1];
+          for (int j = 0; j < 128; ++j) o[j] *= row_scale[(j >> 1) & 1];
+        }
         if constexpr (Tr::FP8) {
           issue_pv_rs_e4m3(o, pa8, sv);
         } else {
@@ -485,8 +494,10 @@ __device__ __forceinline__ void splitkv_body(const CUtensorMap* tmap_k, const CU
           }
         }
         const float sc0 = s_scale[row_a], sc1 = s_scale[row_a + 8];
+        if (__any_sync(0xffffffff, sc0 != 1.0f || sc1 != 1.0f)) {
 #pragma unroll
-        for (int j = 0; j < 128; ++j) o[j] *= ((j >> 1) & 1) ? sc1 : sc0;
+          for (int j = 0; j < 128; ++j) o[j] *= ((j >> 1) & 1) ? sc1 : sc0;
+        }
         if constexpr (Tr::FP8) {
           gemm_pv_ss_e4m3(o, sp, sv + VT_HALF_BYTES);
         } else {
