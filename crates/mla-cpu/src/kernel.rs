@@ -2,6 +2,7 @@
 //!
 //! ```text
 //!  unit (item = request i, blocks [b0, b1), KV head g)          M = s_q·h_q/h_kv query rows, r = t·(h_q/h_kv) + h'
+//!  (one rayon task per unit; with fused steps and h_kv > 1, one task per item running its heads' steps in turn)
 //!    Q_g  [M, 576] f32  (widened once)
 //!    for each step of n keys (tokens → pages through the block table, any page size): a 64-token block, or for
 //!    memory-bound shapes a fused step of 8-12 keys inside a block (`step_keys`; the rows a few steps on are
@@ -100,13 +101,19 @@ pub(crate) fn run(args: &DecodeArgs, prob: &DecodeProblem, prep: &Prepared, isa:
         o_ws: SharedPtr(ws.wrapping_add(prep.layout.o_offset)),
     };
     let h_kv = prob.shape.h_kv;
-    let units: Vec<(usize, usize)> = (0..prep.items.len()).flat_map(|k| (0..h_kv).map(move |g| (k, g))).collect();
-    // Each unit also prefetches the first rows of the unit after it, which the same thread usually runs next
-    // (rayon hands out contiguous ranges): the short units of a memory-bound step would otherwise start cold.
-    units.par_iter().enumerate().for_each(|(u, &(k, g))| {
-        let next = units.get(u + 1).map(|&(k, g)| (&prep.items[k], g));
-        attend(&ctx, &prep.items[k], g, next)
-    });
+    let (step, _) = step_keys(prob.shape.q_seq_per_hk(), prob.shape.dtype);
+    if step < BLOCK_SIZE_N && h_kv > 1 {
+        // Fused steps with several KV heads: one task per work item, its heads interleaved step by step.
+        prep.items.par_iter().for_each(|item| attend_heads(&ctx, item));
+    } else {
+        let units: Vec<(usize, usize)> = (0..prep.items.len()).flat_map(|k| (0..h_kv).map(move |g| (k, g))).collect();
+        // Each unit also prefetches the first rows of the unit after it, which the same thread usually runs next
+        // (rayon hands out contiguous ranges): the short units of a memory-bound step would otherwise start cold.
+        units.par_iter().enumerate().for_each(|(u, &(k, g))| {
+            let next = units.get(u + 1).map(|&(k, g)| (&prep.items[k], g));
+            attend(&ctx, &prep.items[k], g, next)
+        });
+    }
 
     let split_reqs: Vec<(usize, usize)> = (0..prob.shape.batch)
         .filter(|&i| prep.num_splits[i + 1] - prep.num_splits[i] > 1)
@@ -153,58 +160,61 @@ fn unit_keys(ctx: &Ctx, item: &WorkItem, g: usize, limit: usize) -> Vec<*const u
         .collect()
 }
 
-/// One (work item, KV head) unit: attention of the M query rows of head group `g` over the item's blocks; `next`
-/// is the unit to prefetch the first rows of.
-fn attend(ctx: &Ctx, item: &WorkItem, g: usize, next: Option<(&WorkItem, usize)>) {
-    let prob = ctx.prob;
-    let sh = prob.shape;
-    let hpk = sh.heads_per_kv();
-    let m = sh.q_seq_per_hk();
-    let i = item.req;
-    let s_k = ctx.prep.seqlens[i] as usize;
-    let dt = sh.dtype;
+/// The state of one (work item, KV head) unit: attention of the M query rows of head group `g` over the item's
+/// keys, one online-softmax step at a time.
+struct Unit<'a> {
+    item: &'a WorkItem,
+    g: usize,
+    q: QueryRows,
+    o: Vec<f32>,
+    s: Vec<f32>,
+    row_max: Vec<f32>,
+    row_sum: Vec<f32>,
+    factor: Vec<f32>,
+    /// The unit's K rows in key order (`n_keys` of them).
+    keys: Vec<*const u8>,
+    n_keys: usize,
+}
 
-    let mut q = vec![0f32; m * HEAD_DIM_K];
-    for r in 0..m {
-        let (t, h) = (r / hpk, g * hpk + r % hpk);
-        // SAFETY: (i, t, h) is inside q's validated shape; the row's 576 elements are contiguous.
-        unsafe { simd::widen_row(dt, elem_addr(&ctx.args.q, &[i, t, h, 0]).0, &mut q[r * HEAD_DIM_K..][..HEAD_DIM_K]) };
-    }
-    let q = QueryRows::new(ctx.isa, dt, q);
-    let mut o = vec![0f32; m * HEAD_DIM_V];
-    let mut s = vec![0f32; m * S_STRIDE];
-    let mut row_max = vec![f32::NEG_INFINITY; m];
-    let mut row_sum = vec![0f32; m];
-    let mut factor = vec![1f32; m];
-    // Every key row of the unit, in key order; then, for the prefetch only, the first rows of the next unit.
-    let j_begin = item.begin_block * BLOCK_SIZE_N;
-    let (step, ahead) = step_keys(m, dt);
-    let fused = step < BLOCK_SIZE_N;
-    let mut keys = unit_keys(ctx, item, g, usize::MAX);
-    let n_keys = keys.len();
-    if let Some((item2, g2)) = next.filter(|_| fused) {
-        keys.extend(unit_keys(ctx, item2, g2, ahead));
-    }
-    let row_bytes = HEAD_DIM_K * dt.size_bytes();
-    if fused {
-        // The first steps' rows, at once (there is nothing yet to overlap them with).
-        Prefetch { rows: &keys[..ahead.min(keys.len())], bytes: row_bytes, l1: true }.all();
+impl<'a> Unit<'a> {
+    fn new(ctx: &Ctx, item: &'a WorkItem, g: usize) -> Self {
+        let sh = ctx.prob.shape;
+        let (hpk, m, dt) = (sh.heads_per_kv(), sh.q_seq_per_hk(), sh.dtype);
+        let mut q = vec![0f32; m * HEAD_DIM_K];
+        for r in 0..m {
+            let (t, h) = (r / hpk, g * hpk + r % hpk);
+            let row = elem_addr(&ctx.args.q, &[item.req, t, h, 0]).0;
+            // SAFETY: (i, t, h) is inside q's validated shape; the row's 576 elements are contiguous.
+            unsafe { simd::widen_row(dt, row, &mut q[r * HEAD_DIM_K..][..HEAD_DIM_K]) };
+        }
+        let keys = unit_keys(ctx, item, g, usize::MAX);
+        Unit {
+            item,
+            g,
+            q: QueryRows::new(ctx.isa, dt, q),
+            o: vec![0f32; m * HEAD_DIM_V],
+            s: vec![0f32; m * S_STRIDE],
+            row_max: vec![f32::NEG_INFINITY; m],
+            row_sum: vec![0f32; m],
+            factor: vec![1f32; m],
+            n_keys: keys.len(),
+            keys,
+        }
     }
 
-    let mut j = 0;
-    while j < n_keys {
-        let j0 = j_begin + j;
-        let n = (n_keys - j).min(step).min(BLOCK_SIZE_N - j0 % BLOCK_SIZE_N);
-        let step_rows = &keys[j..j + n];
-        // The rows `ahead` keys on stream in while this step computes: pages are scattered, which the hardware
-        // prefetchers cannot follow, and a single core is otherwise latency-bound.
-        let pf = &keys[(j + ahead).min(keys.len())..(j + ahead + n).min(keys.len())];
-        let pf = Prefetch { rows: pf, bytes: row_bytes, l1: fused };
-        // Fused steps spread the prefetch over `pv`'s column tiles, block steps over `qk`'s key tiles.
+    /// One step: keys `j..j + n` of the unit (inside one 64-token block), prefetching `pf` meanwhile (over `pv`'s
+    /// column tiles for fused steps, over `qk`'s key tiles for block steps).
+    fn step(&mut self, ctx: &Ctx, j: usize, n: usize, pf: Prefetch, fused: bool) {
+        let prob = ctx.prob;
+        let sh = prob.shape;
+        let (hpk, m, dt) = (sh.heads_per_kv(), sh.q_seq_per_hk(), sh.dtype);
+        let s_k = ctx.prep.seqlens[self.item.req] as usize;
+        let j0 = self.item.begin_block * BLOCK_SIZE_N + j;
+        let step_rows = &self.keys[j..j + n];
         let (pf_qk, pf_pv) = if fused { (Prefetch::NONE, pf) } else { (pf, Prefetch::NONE) };
         // SAFETY: every key pointer addresses a validated page (prepare), row < page_size and head g < h_kv: 576
         // contiguous readable elements. Buffer sizes match m.
-        let nan_free = unsafe { simd::qk(ctx.isa, dt, &q, m, step_rows, &mut s, pf_qk) };
+        let nan_free = unsafe { simd::qk(ctx.isa, dt, &self.q, m, step_rows, &mut self.s, pf_qk) };
         for r in 0..m {
             // Keys this row may see in the step: all, or up to s_k − s_q + t (bottom-right causal).
             let visible = if prob.causal {
@@ -213,61 +223,138 @@ fn attend(ctx: &Ctx, item: &WorkItem, g: usize, next: Option<(&WorkItem, usize)>
             } else {
                 n
             };
-            let row = &mut s[r * S_STRIDE..r * S_STRIDE + n];
+            let row = &mut self.s[r * S_STRIDE..r * S_STRIDE + n];
             let mut step_max = f32::NEG_INFINITY;
             for x in row[..visible].iter_mut() {
                 *x *= ctx.score_scale;
                 step_max = step_max.max(*x);
             }
-            let new_max = row_max[r].max(step_max);
+            let new_max = self.row_max[r].max(step_max);
             if new_max == f32::NEG_INFINITY {
                 // Nothing seen yet: P = 0, O stays 0.
                 row.fill(0.0);
-                factor[r] = 1.0;
+                self.factor[r] = 1.0;
                 continue;
             }
-            factor[r] = (row_max[r] - new_max).exp(); // 0 on the first step seen, 1 if the max did not move
-            let mut sum = row_sum[r] * factor[r];
+            self.factor[r] = (self.row_max[r] - new_max).exp(); // 0 on the first step seen, 1 if the max did not move
+            let mut sum = self.row_sum[r] * self.factor[r];
             for x in row[..visible].iter_mut() {
                 *x = (*x - new_max).exp();
                 sum += *x;
             }
             row[visible..].fill(0.0);
-            row_sum[r] = sum;
-            row_max[r] = new_max;
+            self.row_sum[r] = sum;
+            self.row_max[r] = new_max;
         }
         // SAFETY: as for qk; the V rows are the first 512 elements of the same K rows.
-        unsafe { simd::pv(ctx.isa, dt, &mut s, m, step_rows, &factor, &mut o, pf_pv, nan_free) };
-        j += n;
+        unsafe { simd::pv(ctx.isa, dt, &mut self.s, m, step_rows, &self.factor, &mut self.o, pf_pv, nan_free) };
     }
 
-    for r in 0..m {
-        let (t, h) = (r / hpk, g * hpk + r % hpk);
-        let orow = &mut o[r * HEAD_DIM_V..(r + 1) * HEAD_DIM_V];
-        let seen = row_sum[r] > 0.0;
-        let lse = if seen { row_max[r] + row_sum[r].ln() } else { f32::NEG_INFINITY };
-        if seen {
-            let inv = ctx.out_scale / row_sum[r];
-            orow.iter_mut().for_each(|x| *x *= inv);
-        } else {
-            orow.fill(0.0);
-        }
-        if item.is_split {
-            let li = ctx.prep.layout.lse_index(item.split_row, g, r);
-            let oi = ctx.prep.layout.o_index(item.split_row, g, r);
-            // SAFETY: split_row < num_splits[b] <= layout.rows and the workspace holds layout.total_bytes (prepare);
-            // partial row (split_row, g, r) is written by this unit only.
-            unsafe {
-                ctx.lse_ws.0.cast::<f32>().add(li).write(lse);
-                std::ptr::copy_nonoverlapping(orow.as_ptr(), ctx.o_ws.0.cast::<f32>().add(oi), HEAD_DIM_V);
+    /// Writes the unit's rows: `out`/`lse`, or its partial rows in the workspace.
+    fn finish(mut self, ctx: &Ctx) {
+        let sh = ctx.prob.shape;
+        let (hpk, m) = (sh.heads_per_kv(), sh.q_seq_per_hk());
+        let (item, g) = (self.item, self.g);
+        for r in 0..m {
+            let (t, h) = (r / hpk, g * hpk + r % hpk);
+            let orow = &mut self.o[r * HEAD_DIM_V..(r + 1) * HEAD_DIM_V];
+            let seen = self.row_sum[r] > 0.0;
+            let lse = if seen { self.row_max[r] + self.row_sum[r].ln() } else { f32::NEG_INFINITY };
+            if seen {
+                let inv = ctx.out_scale / self.row_sum[r];
+                orow.iter_mut().for_each(|x| *x *= inv);
+            } else {
+                orow.fill(0.0);
             }
-        } else {
-            let lse = if seen { lse } else { f32::INFINITY };
-            // SAFETY: a request without splits is processed by exactly one item (prepare), so these rows are ours.
-            unsafe { write_out_row(ctx, i, t, h, orow, lse) };
+            if item.is_split {
+                let li = ctx.prep.layout.lse_index(item.split_row, g, r);
+                let oi = ctx.prep.layout.o_index(item.split_row, g, r);
+                // SAFETY: split_row < num_splits[b] <= layout.rows and the workspace holds layout.total_bytes
+                // (prepare); partial row (split_row, g, r) is written by this unit only.
+                unsafe {
+                    ctx.lse_ws.0.cast::<f32>().add(li).write(lse);
+                    std::ptr::copy_nonoverlapping(orow.as_ptr(), ctx.o_ws.0.cast::<f32>().add(oi), HEAD_DIM_V);
+                }
+            } else {
+                let lse = if seen { lse } else { f32::INFINITY };
+                // SAFETY: a request without splits is processed by exactly one item (prepare), so these rows are
+                // ours.
+                unsafe { write_out_row(ctx, item.req, t, h, orow, lse) };
+            }
         }
     }
 }
+
+/// Length of the step at key `j` of a unit of `n_keys` keys starting at a block boundary: `step` keys, cut at the
+/// unit's end and at 64-token block boundaries.
+fn step_len(j: usize, n_keys: usize, step: usize) -> usize {
+    (n_keys - j).min(step).min(BLOCK_SIZE_N - j % BLOCK_SIZE_N)
+}
+
+/// One (work item, KV head) unit; `next` is the unit to prefetch the first rows of (fused steps only).
+fn attend(ctx: &Ctx, item: &WorkItem, g: usize, next: Option<(&WorkItem, usize)>) {
+    let dt = ctx.prob.shape.dtype;
+    let (step, ahead) = step_keys(ctx.prob.shape.q_seq_per_hk(), dt);
+    let fused = step < BLOCK_SIZE_N;
+    let mut u = Unit::new(ctx, item, g);
+    // The unit's rows and then, for the prefetch only, the first rows of the next unit.
+    let mut pf_keys = u.keys.clone();
+    if let Some((item2, g2)) = next.filter(|_| fused) {
+        pf_keys.extend(unit_keys(ctx, item2, g2, ahead));
+    }
+    let row_bytes = HEAD_DIM_K * dt.size_bytes();
+    if fused {
+        // The first steps' rows, at once (there is nothing yet to overlap them with).
+        Prefetch { rows: &pf_keys[..ahead.min(pf_keys.len())], bytes: row_bytes, l1: true }.all();
+    }
+    let mut j = 0;
+    while j < u.n_keys {
+        let n = step_len(j, u.n_keys, step);
+        // The rows `ahead` keys on stream in while this step computes: pages are scattered, which the hardware
+        // prefetchers cannot follow, and a single core is otherwise latency-bound.
+        let rows = &pf_keys[(j + ahead).min(pf_keys.len())..(j + ahead + n).min(pf_keys.len())];
+        u.step(ctx, j, n, Prefetch { rows, bytes: row_bytes, l1: fused }, fused);
+        j += n;
+    }
+    u.finish(ctx);
+}
+
+/// All KV heads of one work item, with fused steps: step j of head 0, of head 1, …, then step j + 1 of head 0, …
+/// Each head's arithmetic is exactly that of its own unit ([`attend`]); only independent work is reordered. The K
+/// rows of the heads of a token are adjacent in the cache, so a step of all heads reads whole 64-token pages
+/// front to back (n rows of `h_kv·576` contiguous elements) instead of one row in every 4 KiB page.
+fn attend_heads(ctx: &Ctx, item: &WorkItem) {
+    let sh = ctx.prob.shape;
+    let dt = sh.dtype;
+    let (step, _) = step_keys(sh.q_seq_per_hk(), dt);
+    let ahead = HEADS_AHEAD;
+    let mut units: Vec<Unit> = (0..sh.h_kv).map(|g| Unit::new(ctx, item, g)).collect();
+    let keys: Vec<Vec<*const u8>> = units.iter().map(|u| u.keys.clone()).collect();
+    let n_keys = units[0].n_keys;
+    let mut tasks = Vec::new(); // (key, keys, head) in processing order
+    let mut j = 0;
+    while j < n_keys {
+        let n = step_len(j, n_keys, step);
+        tasks.extend((0..sh.h_kv).map(|g| (j, n, g)));
+        j += n;
+    }
+    let row_bytes = HEAD_DIM_K * dt.size_bytes();
+    let rows = |t: usize| tasks.get(t).map_or(&[][..], |&(j, n, g)| &keys[g][j..j + n]);
+    for t in 0..ahead {
+        Prefetch { rows: rows(t), bytes: row_bytes, l1: true }.all();
+    }
+    for (t, &(j, n, g)) in tasks.iter().enumerate() {
+        // The rows of the task `ahead` tasks on stream in while this one computes.
+        units[g].step(ctx, j, n, Prefetch { rows: rows(t + ahead), bytes: row_bytes, l1: true }, true);
+    }
+    for u in units {
+        u.finish(ctx);
+    }
+}
+
+/// Prefetch distance of [`attend_heads`], in (head, step) tasks: the next task's rows are prefetched during this
+/// one's `pv` (2 measured no better).
+const HEADS_AHEAD: usize = 1;
 
 /// Merges the partials of request `i`, KV head `g`, into `out`/`lse`.
 fn combine(ctx: &Ctx, i: usize, g: usize) {
