@@ -255,14 +255,21 @@ __device__ __forceinline__ void transpose_v_e4m3(const uint8_t* __restrict__ sk,
                     ((g ^ m) << 4) + 4 * c;
     }
   }
-#pragma unroll
-  for (int k = 0; k < STEPS; ++k) {
+  // Step k's four 16-byte loads are issued a step ahead, under step k-1's permutes and stores: on their own, the
+  // first PRMT after each LDS.128 waited for it (short-scoreboard stalls, ~7% of v4b's samples).
+  const auto load_step = [&](int k, uint4 (&x)[4]) {
     const uint8_t* src = sk + k * CHUNK_BYTES;
-    uint4 x[4];
 #pragma unroll
     for (int t = 0; t < 4; ++t) {
       x[t] = live[t] ? *reinterpret_cast<const uint4*>(src + src_off[t]) : make_uint4(0, 0, 0, 0);
     }
+  };
+  uint4 x[4];
+  load_step(0, x);
+#pragma unroll
+  for (int k = 0; k < STEPS; ++k) {
+    uint4 next[4];
+    if (k + 1 < STEPS) load_step(k + 1, next);
     const uint32_t kofs = k * 2 * VT_VEC_ROWS * VT_ROW_BYTES * (WG_THREADS / 32);  // 8192k
 #pragma unroll
     for (int w = 0; w < 4; ++w) {
@@ -276,6 +283,10 @@ __device__ __forceinline__ void transpose_v_e4m3(const uint8_t* __restrict__ sk,
         const int j = 4 * w + i;
         sts32(dst[j & 1][(j >> 1) & 3] + kofs + VT_ROW_BYTES * j, out[i]);
       }
+    }
+    if (k + 1 < STEPS) {
+#pragma unroll
+      for (int t = 0; t < 4; ++t) x[t] = next[t];
     }
   }
 }
