@@ -92,7 +92,6 @@ struct RequestSlice {
   int nblk;         // pages in the slice, after the causal and block-table clips
   bool is_split;    // the request has more than one split: write a partial to the workspace
   int split_row;    // workspace row of this split
-  int min_limit;    // keys visible to every row of the tile: pages ending at or before it need no mask
   const int32_t* bt;
 };
 
@@ -110,12 +109,9 @@ __device__ __forceinline__ RequestSlice request_slice(const DecodeParams& p, con
   // Keys the tile's last row can see: pages past them are skipped (causal), and the block table is never read past
   // max_blocks_per_seq. Bottom-right causal: token t sees keys j <= s_k - s_q + t.
   int tile_limit = r.s_k;
-  r.min_limit = r.s_k;
   if (p.causal) {
     const int t_max = (tile_row0 + rows_in_tile - 1) / p.heads_per_kv;
-    const int t_min = tile_row0 / p.heads_per_kv;
     tile_limit = min(r.s_k, max(0, r.s_k - p.s_q + t_max + 1));
-    r.min_limit = min(r.s_k, max(0, r.s_k - p.s_q + t_min + 1));
   }
   blk_end = min(blk_end, min((tile_limit + PAGE_TOKENS - 1) / PAGE_TOKENS, p.max_blocks_per_seq));
   r.nblk = max(0, blk_end - r.blk_begin);
