@@ -187,19 +187,12 @@ impl<'a> Unit<'a> {
             // SAFETY: (i, t, h) is inside q's validated shape; the row's 576 elements are contiguous.
             unsafe { simd::widen_row(dt, row, &mut q[r * HEAD_DIM_K..][..HEAD_DIM_K]) };
         }
+        let q = QueryRows::new(ctx.isa, dt, q);
+        let o = vec![0f32; m * HEAD_DIM_V];
+        let s = vec![0f32; m * S_STRIDE];
+        let (row_max, row_sum, factor) = (vec![f32::NEG_INFINITY; m], vec![0f32; m], vec![1f32; m]);
         let keys = unit_keys(ctx, item, g, usize::MAX);
-        Unit {
-            item,
-            g,
-            q: QueryRows::new(ctx.isa, dt, q),
-            o: vec![0f32; m * HEAD_DIM_V],
-            s: vec![0f32; m * S_STRIDE],
-            row_max: vec![f32::NEG_INFINITY; m],
-            row_sum: vec![0f32; m],
-            factor: vec![1f32; m],
-            n_keys: keys.len(),
-            keys,
-        }
+        Unit { item, g, q, o, s, row_max, row_sum, factor, n_keys: keys.len(), keys }
     }
 
     /// One step: keys `j..j + n` of the unit (inside one 64-token block), prefetching `pf` meanwhile (over `pv`'s
