@@ -60,7 +60,7 @@ const SPLITKV_THREADS: u32 = 256;
 /// Rows (warps) per CTA of the combine kernel, 32 threads each.
 const COMBINE_ROWS_PER_CTA: u32 = 8;
 /// Splits per request from which the combine keeps several splits' rows in flight per warp (measured on the H100:
-/// 7-13% faster on batches of 1-4 long requests, 1-3% slower at b = 128 with 2-3 splits).
+/// 3-16% faster on batches of 1-4 long requests, 1-3% slower at b = 128 with 2-3 splits).
 const MANY_SPLITS: usize = 4;
 /// Threads of the scheduler kernel.
 const SCHED_THREADS: u32 = 256;
