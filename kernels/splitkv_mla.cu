@@ -291,6 +291,15 @@ __device__ __forceinline__ void transpose_v_e4m3(const uint8_t* __restrict__ sk,
   }
 }
 
+// A page in its shared-memory buffer: shared-window addresses of its barrier, its tile and where P·V reads V (the tile
+// itself, or e4m3's Vᵀ tile), and a generic pointer to the tile for plain loads and stores.
+struct PageSlot {
+  int blk;    // page index in the request
+  int valid;  // tokens of the page before the request's end
+  uint32_t bar, sk, sv;
+  uint8_t* gk;
+};
+
 template <int KIND>
 __device__ __forceinline__ void splitkv_body(const CUtensorMap* tmap_k, const CUtensorMap* tmap_tail,
                                              const DecodeParams& p) {
@@ -369,20 +378,24 @@ __device__ __forceinline__ void splitkv_body(const CUtensorMap* tmap_k, const CU
     float m_run[2] = {-INFINITY, -INFINITY};
     float l_run[2] = {0.0f, 0.0f};
 
+    // Page i of the slice in buffer `buf`, once its load has landed (both warpgroups wait for every page).
+    const auto wait_page = [&](int i, int buf) {
+      const int blk = blk_begin + i;
+      const uint32_t bar = bars + 8 * buf;
+      const uint32_t sk = base + Sm::K0 + buf * Sm::TILE;
+      mbar_wait(bar, (phase >> buf) & 1);
+      phase ^= 1u << buf;
+      return PageSlot{blk, min(PAGE_TOKENS, s_k - blk * PAGE_TOKENS), bar, sk, Tr::FP8 ? base + Sm::V : sk,
+                      gbase + Sm::K0 + buf * Sm::TILE};
+    };
+
     // The warpgroups run decoupled, synchronised only by named barriers (no CTA-wide barrier per page):
     //   WG0: wait page i ─ Q·Kᵀ(i) ─ softmax(i) ─ SP_FREE(i−1) ─ sP(i) → P_READY ─ P·V_L(i) → L_DONE
     //   WG1: (e4m3: convert V(i) → V_READY) ─ P_READY ─ P·V_R(i) ─ L_DONE ─ refill page i+NB ─ SP_FREE
     // so WG1's P·V_R(i) and WG0's Q·Kᵀ(i+1) share the tensor cores instead of running back to back.
     if (wg == 0) {
       for (int i = 0, buf = 0; i < nblk; ++i, buf = buf + 1 == Sm::NB ? 0 : buf + 1) {
-        const int blk = blk_begin + i;
-        const uint32_t bar_buf = bars + 8 * buf;
-        const uint32_t sk_buf = base + Sm::K0 + buf * Sm::TILE;
-        mbar_wait(bar_buf, (phase >> buf) & 1);
-        phase ^= 1u << buf;
-        const int valid = min(PAGE_TOKENS, s_k - blk * PAGE_TOKENS);
-        uint8_t* gk = gbase + Sm::K0 + buf * Sm::TILE;
-        const uint32_t sv = Tr::FP8 ? base + Sm::V : sk_buf;
+        const auto [blk, valid, bar_buf, sk_buf, sv, gk] = wait_page(i, buf);
         float s[32];
 #pragma unroll
         for (int j = 0; j < 32; ++j) s[j] = 0.0f;
@@ -484,14 +497,7 @@ __device__ __forceinline__ void splitkv_body(const CUtensorMap* tmap_k, const CU
       }
     } else {
       for (int i = 0, buf = 0; i < nblk; ++i, buf = buf + 1 == Sm::NB ? 0 : buf + 1) {
-        const int blk = blk_begin + i;
-        const uint32_t bar_buf = bars + 8 * buf;
-        const uint32_t sk_buf = base + Sm::K0 + buf * Sm::TILE;
-        mbar_wait(bar_buf, (phase >> buf) & 1);
-        phase ^= 1u << buf;
-        const int valid = min(PAGE_TOKENS, s_k - blk * PAGE_TOKENS);
-        uint8_t* gk = gbase + Sm::K0 + buf * Sm::TILE;
-        const uint32_t sv = Tr::FP8 ? base + Sm::V : sk_buf;
+        const auto [blk, valid, bar_buf, sk_buf, sv, gk] = wait_page(i, buf);
         if constexpr (Tr::FP8) {
           transpose_v_e4m3(gk, base + Sm::V, valid, tw);  // WG0's P·V_L(i−1) finished: L_DONE of the last page
           fence_proxy_async();
