@@ -505,6 +505,9 @@ fn decode_matches_cpu_backend() {
         c(3, 1, 128, 1, false, vec![1000, 64, 1], true),
         c(2, 4, 9, 3, true, vec![140, 65], false),
         c(1, 1, 64, 8, false, vec![if quick() { 200 } else { 4096 }], false),
+        // 40 requests on 132 parts: the combine for requests with few splits (the other cases, small batches, get
+        // the many-splits variant), and requests split up to ~6 ways.
+        c(40, 1, 16, 1, true, (0..40).map(|i| 37 + (97 * i) % 1900).collect(), false),
     ];
     for Case { b, s_q, h_q, h_kv, causal, seqlens: lens, strided } in cases {
         for dtype in DType::ALL {
