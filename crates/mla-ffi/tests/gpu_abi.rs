@@ -119,34 +119,8 @@ fn hopper_through_the_c_abi_matches_cpu() {
         let pt = p.tensors();
         // SAFETY: host descriptors of live buffers; live handle.
         let s = unsafe {
-            (api.get_mla_metadata)(
-                cpu,
-                &ht.cache_seqlens,
-                spec.q_seq_per_hk() as i64,
-                spec.h_kv as i64,
-                &ht.meta,
-                &ht.splits,
-                std::ptr::null_mut(),
-            );
-            (api.with_kvcache)(
-                cpu,
-                &ht.q,
-                &ht.k_cache,
-                &ht.block_table,
-                &ht.cache_seqlens,
-                512,
-                &ht.meta,
-                &ht.splits,
-                spec.scale.unwrap_or(f32::NAN),
-                spec.causal as i32,
-                opt(&ht.descale_q),
-                opt(&ht.descale_k),
-                &ht.out,
-                &ht.lse,
-                host.workspace.ptr(),
-                host.workspace.bytes as i64,
-                std::ptr::null_mut(),
-            )
+            api.metadata(cpu, &ht, &spec, std::ptr::null_mut());
+            api.decode(cpu, &ht.q, &ht, &spec, host.workspace.ptr(), host.workspace.bytes, std::ptr::null_mut())
         };
         assert_eq!(s, OK, "{what}: cpu: {}", api.last_error());
 
@@ -176,61 +150,15 @@ fn hopper_through_the_c_abi_matches_cpu() {
 
         // A host tensor handed to the GPU backend is refused before anything is enqueued.
         // SAFETY: device descriptors of live allocations, plus one host descriptor under test.
-        let s = unsafe {
-            (api.with_kvcache)(
-                gpu,
-                &pt.q,
-                &t.k_cache,
-                &t.block_table,
-                &t.cache_seqlens,
-                512,
-                &t.meta,
-                &t.splits,
-                f32::NAN,
-                0,
-                opt(&t.descale_q),
-                opt(&t.descale_k),
-                &t.out,
-                &t.lse,
-                d_ws.ptr,
-                p.workspace.bytes as i64,
-                raw_stream,
-            )
-        };
+        let s = unsafe { api.decode(gpu, &pt.q, &t, &spec, d_ws.ptr, p.workspace.bytes, raw_stream) };
         assert_eq!(s, INVALID_ARGUMENT);
         assert!(api.last_error().contains("`q.device`"), "{}", api.last_error());
 
         // SAFETY: device descriptors of live allocations on device 0; `raw_stream` belongs to that device.
         let s = unsafe {
-            let s = (api.get_mla_metadata)(
-                gpu,
-                &t.cache_seqlens,
-                spec.q_seq_per_hk() as i64,
-                spec.h_kv as i64,
-                &t.meta,
-                &t.splits,
-                raw_stream,
-            );
+            let s = api.metadata(gpu, &t, &spec, raw_stream);
             assert_eq!(s, OK, "{what}: metadata: {}", api.last_error());
-            (api.with_kvcache)(
-                gpu,
-                &t.q,
-                &t.k_cache,
-                &t.block_table,
-                &t.cache_seqlens,
-                512,
-                &t.meta,
-                &t.splits,
-                spec.scale.unwrap_or(f32::NAN),
-                spec.causal as i32,
-                opt(&t.descale_q),
-                opt(&t.descale_k),
-                &t.out,
-                &t.lse,
-                d_ws.ptr,
-                p.workspace.bytes as i64,
-                raw_stream,
-            )
+            api.decode(gpu, &t.q, &t, &spec, d_ws.ptr, p.workspace.bytes, raw_stream)
         };
         assert_eq!(s, OK, "{what}: decode: {}", api.last_error());
         stream.synchronize().expect("synchronize");

@@ -14,43 +14,11 @@ use mla_core::{DType, Device, MlaBackend, ScalarType, Stream, TensorDesc, Worksp
 /// Scheduler + decode through the shared library; returns the first failing status with its message.
 fn run_ffi(api: &Api, backend: *const Backend, p: &mut Problem) -> Result<(), String> {
     let t = p.tensors();
-    let (spec, ws_bytes) = (p.spec.clone(), p.workspace.bytes as i64);
-    let ws = p.workspace.ptr();
-    let scale = spec.scale.unwrap_or(f32::NAN);
+    let (spec, ws_bytes, ws) = (p.spec.clone(), p.workspace.bytes, p.workspace.ptr());
     // SAFETY: every descriptor describes a live buffer of `p`; the handle is live.
     let s = unsafe {
-        let s = (api.get_mla_metadata)(
-            backend,
-            &t.cache_seqlens,
-            spec.q_seq_per_hk() as i64,
-            spec.h_kv as i64,
-            &t.meta,
-            &t.splits,
-            std::ptr::null_mut(),
-        );
-        if s != OK {
-            s
-        } else {
-            (api.with_kvcache)(
-                backend,
-                &t.q,
-                &t.k_cache,
-                &t.block_table,
-                &t.cache_seqlens,
-                512,
-                &t.meta,
-                &t.splits,
-                scale,
-                spec.causal as i32,
-                opt(&t.descale_q),
-                opt(&t.descale_k),
-                &t.out,
-                &t.lse,
-                ws,
-                ws_bytes,
-                std::ptr::null_mut(),
-            )
-        }
+        let s = api.metadata(backend, &t, &spec, std::ptr::null_mut());
+        if s != OK { s } else { api.decode(backend, &t.q, &t, &spec, ws, ws_bytes, std::ptr::null_mut()) }
     };
     if s == OK { Ok(()) } else { Err(format!("status {s}: {}", api.last_error())) }
 }

@@ -465,6 +465,68 @@ pub struct Tensors {
     pub lse: Tensor,
 }
 
+impl Api {
+    /// `flashmla_get_mla_metadata` with `t`'s descriptors on `stream` (NULL: the legacy default stream).
+    ///
+    /// # Safety
+    /// `backend` is live; `t`'s `cache_seqlens`, `meta` and `splits` describe live buffers on the backend's device;
+    /// `stream` is NULL or a stream of that device.
+    pub unsafe fn metadata(&self, backend: *const Backend, t: &Tensors, spec: &Spec, stream: *mut c_void) -> Status {
+        // SAFETY: the caller's contract.
+        unsafe {
+            (self.get_mla_metadata)(
+                backend,
+                &t.cache_seqlens,
+                spec.q_seq_per_hk() as i64,
+                spec.h_kv as i64,
+                &t.meta,
+                &t.splits,
+                stream,
+            )
+        }
+    }
+
+    /// `flashmla_with_kvcache` with `t`'s descriptors and `spec`'s scale and mask; `q` is passed apart so that a
+    /// test can hand in a mismatched one.
+    ///
+    /// # Safety
+    /// As [`Api::metadata`], for every descriptor and `q`; `workspace` holds `workspace_bytes` bytes on the device.
+    #[allow(clippy::too_many_arguments)]
+    pub unsafe fn decode(
+        &self,
+        backend: *const Backend,
+        q: &Tensor,
+        t: &Tensors,
+        spec: &Spec,
+        workspace: *mut c_void,
+        workspace_bytes: usize,
+        stream: *mut c_void,
+    ) -> Status {
+        // SAFETY: the caller's contract.
+        unsafe {
+            (self.with_kvcache)(
+                backend,
+                q,
+                &t.k_cache,
+                &t.block_table,
+                &t.cache_seqlens,
+                mla_core::HEAD_DIM_V as i64,
+                &t.meta,
+                &t.splits,
+                spec.scale.unwrap_or(f32::NAN),
+                spec.causal as i32,
+                opt(&t.descale_q),
+                opt(&t.descale_k),
+                &t.out,
+                &t.lse,
+                workspace,
+                workspace_bytes as i64,
+                stream,
+            )
+        }
+    }
+}
+
 /// Pointer to an optional descriptor (NULL when absent).
 pub fn opt(t: &Option<Tensor>) -> *const Tensor {
     t.as_ref().map_or(std::ptr::null(), |t| t as *const Tensor)
