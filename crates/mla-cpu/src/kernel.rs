@@ -31,22 +31,20 @@ use crate::simd::{self, Isa, Prefetch, QueryRows, S_STRIDE};
 /// Prefetch distance (keys) of the fused steps (see [`step_keys`]).
 const FUSED_AHEAD: usize = 16;
 
-/// Keys per online-softmax step, and the prefetch distance in keys, for `m` query rows of dtype `dt`.
+/// Keys per online-softmax step, and the prefetch distance in keys, for `m` query rows.
 ///
-/// - Memory-bound units (M·element bytes ≤ 2: bf16/fp16 with M = 1, e4m3 with M ≤ 2) take **fused steps** of
-///   8 (M = 1) or 12 (M = 2) keys, one `qk` key tile: scores, softmax update and `P·V` of those keys while their
-///   rows are in L1, and the rows [`FUSED_AHEAD`] keys on (into the next unit at the end) are prefetched into L1,
-///   spread over `pv`'s column tiles.
+/// - Memory-bound units (M ≤ 2) take **fused steps** of 8 (M = 1) or 12 (M = 2) keys, one or two `qk` key tiles:
+///   scores, softmax update and `P·V` of those keys while their rows are in L1, and the rows [`FUSED_AHEAD`] keys
+///   on (into the next unit at the end) are prefetched into L1, spread over `pv`'s column tiles.
 /// - Everything else takes whole 64-key blocks and prefetches the next block into L2 during `qk` (reloading an
-///   M×512 output tile every few keys would cost the compute-bound rows more than it saves; 16-bit M = 2 measured
-///   slower fused).
+///   M×512 output tile every few keys would cost the compute-bound rows more than it saves).
 ///
-/// The step is part of the arithmetic (each step rescales O by `exp(m − m')`), so it depends on the shape and
-/// dtype only, never on the instruction set or the thread count.
-fn step_keys(m: usize, dt: DType) -> (usize, usize) {
-    match (m, dt.size_bytes()) {
-        (1, _) => (8, FUSED_AHEAD),
-        (2, 1) => (12, FUSED_AHEAD),
+/// The step is part of the arithmetic (each step rescales O by `exp(m − m')`), so it depends on the shape only,
+/// never on the instruction set or the thread count.
+fn step_keys(m: usize) -> (usize, usize) {
+    match m {
+        1 => (8, FUSED_AHEAD),
+        2 => (12, FUSED_AHEAD),
         _ => (BLOCK_SIZE_N, BLOCK_SIZE_N),
     }
 }
@@ -101,7 +99,7 @@ pub(crate) fn run(args: &DecodeArgs, prob: &DecodeProblem, prep: &Prepared, isa:
         o_ws: SharedPtr(ws.wrapping_add(prep.layout.o_offset)),
     };
     let h_kv = prob.shape.h_kv;
-    let (step, _) = step_keys(prob.shape.q_seq_per_hk(), prob.shape.dtype);
+    let (step, _) = step_keys(prob.shape.q_seq_per_hk());
     if step < BLOCK_SIZE_N && h_kv > 1 {
         // Fused steps with several KV heads: one task per work item, its heads interleaved step by step.
         prep.items.par_iter().for_each(|item| attend_heads(&ctx, item));
@@ -287,7 +285,7 @@ fn step_len(j: usize, n_keys: usize, step: usize) -> usize {
 /// One (work item, KV head) unit; `next` is the unit to prefetch the first rows of (fused steps only).
 fn attend(ctx: &Ctx, item: &WorkItem, g: usize, next: Option<(&WorkItem, usize)>) {
     let dt = ctx.prob.shape.dtype;
-    let (step, ahead) = step_keys(ctx.prob.shape.q_seq_per_hk(), dt);
+    let (step, ahead) = step_keys(ctx.prob.shape.q_seq_per_hk());
     let fused = step < BLOCK_SIZE_N;
     let mut u = Unit::new(ctx, item, g);
     // The unit's rows and then, for the prefetch only, the first rows of the next unit.
@@ -319,7 +317,7 @@ fn attend(ctx: &Ctx, item: &WorkItem, g: usize, next: Option<(&WorkItem, usize)>
 fn attend_heads(ctx: &Ctx, item: &WorkItem) {
     let sh = ctx.prob.shape;
     let dt = sh.dtype;
-    let (step, _) = step_keys(sh.q_seq_per_hk(), dt);
+    let (step, _) = step_keys(sh.q_seq_per_hk());
     let ahead = HEADS_AHEAD;
     let mut units: Vec<Unit> = (0..sh.h_kv).map(|g| Unit::new(ctx, item, g)).collect();
     let keys: Vec<Vec<*const u8>> = units.iter().map(|u| u.keys.clone()).collect();
@@ -399,7 +397,7 @@ mod tests {
         r.outputs()
     }
 
-    /// The fused steps (M = 1 for every dtype, M = 2 for e4m3) and the block steps next to them (M = 2, 3), with
+    /// The fused steps (M = 1 and M = 2, every dtype) and the block steps next to them (M = 3), with
     /// several KV heads (so units prefetch into their successors), varlen lengths, causal masks and page sizes that
     /// do not divide the 64-token blocks: the SIMD path on 1 and 2 threads equals the scalar path bit for bit.
     #[test]
