@@ -33,9 +33,10 @@ const FUSED_AHEAD: usize = 16;
 
 /// Keys per online-softmax step, and the prefetch distance in keys, for `m` query rows.
 ///
-/// - Memory-bound units (M ≤ 2) take **fused steps** of 8 (M = 1) or 12 (M = 2) keys, one or two `qk` key tiles:
-///   scores, softmax update and `P·V` of those keys while their rows are in L1, and the rows [`FUSED_AHEAD`] keys
-///   on (into the next unit at the end) are prefetched into L1, spread over `pv`'s column tiles.
+/// - Units of M ≤ 2 query rows (memory-bound; e4m3 M = 2 near the ridge) take **fused steps** of 8 (M = 1) or 12
+///   (M = 2) keys, one or two `qk` key tiles: scores, softmax update and `P·V` of those keys while their rows are
+///   in L1, and the rows [`FUSED_AHEAD`] keys on (into the next unit at the end) are prefetched into L1, spread over
+///   `pv`'s column tiles.
 /// - Everything else takes whole 64-key blocks and prefetches the next block into L2 during `qk` (reloading an
 ///   M×512 output tile every few keys would cost the compute-bound rows more than it saves).
 ///
