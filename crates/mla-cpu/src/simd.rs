@@ -410,23 +410,24 @@ mod avx2 {
     }
 
     /// Does any of the first `bytes` bytes (a multiple of 32) of any row hold an e4m3 NaN code (0x7F / 0xFF)?
-    /// One OR, compare and OR per 32 codes: far cheaper than patching NaN in every widened chunk, which a block
+    /// An add and an unsigned max per 32 codes: doubling a code drops its sign bit, so the NaN codes become 0xFE
+    /// and every other code at most 0xFC. Far cheaper than patching NaN in every widened chunk, which a block
     /// without NaN (the norm) then skips.
     ///
     /// # Safety
     /// Every row has `bytes` readable bytes.
     #[target_feature(enable = "avx2,fma,f16c")]
     unsafe fn e4m3_any_nan(rows: &[*const u8], bytes: usize) -> bool {
-        let (hi, ones) = (_mm256_set1_epi8(0x80u8 as i8), _mm256_set1_epi8(-1));
-        let mut acc = _mm256_setzero_si256();
+        let mut max = _mm256_setzero_si256();
         for &r in rows {
             for off in (0..bytes).step_by(32) {
                 // SAFETY: off + 32 <= bytes readable bytes of the row.
                 let x = unsafe { _mm256_loadu_si256(r.add(off).cast()) };
-                acc = _mm256_or_si256(acc, _mm256_cmpeq_epi8(_mm256_or_si256(x, hi), ones));
+                max = _mm256_max_epu8(max, _mm256_add_epi8(x, x));
             }
         }
-        _mm256_testz_si256(acc, acc) == 0
+        let nan = _mm256_cmpeq_epi8(max, _mm256_set1_epi8(0xFEu8 as i8));
+        _mm256_testz_si256(nan, nan) == 0
     }
 
     /// The fixed tree of [`super::tree8`], on a vector.
@@ -448,17 +449,30 @@ mod avx2 {
     unsafe fn qk_tile<const DT: u8, const R: usize, const C: usize>(q: *const f32, keys: &[*const u8], s: *mut f32) {
         let e = elt_bytes(DT);
         let mut acc = [[_mm256_setzero_ps(); C]; R];
-        let mut kv = [_mm256_setzero_ps(); C];
         for c in 0..HEAD_DIM_K / LANES {
-            for k in 0..C {
-                // SAFETY: c·8 + 8 <= 576 elements of key row k.
-                kv[k] = unsafe { widen8::<DT>(keys[k].add(c * LANES * e)) };
-            }
-            for (r, acc_r) in acc.iter_mut().enumerate() {
+            // Each accumulator takes one FMA per chunk whatever the loop order, so the order only decides what is
+            // live: the R·C accumulators and either the C widened keys and one Q chunk, or the R Q chunks and one
+            // widened key, whichever is fewer (more than the 16 ymm registers spills accumulators to the stack).
+            if R < C {
                 // SAFETY: row r < R of q has 576 floats.
-                let qv = unsafe { _mm256_loadu_ps(q.add(r * HEAD_DIM_K + c * LANES)) };
+                let qv: [__m256; R] =
+                    std::array::from_fn(|r| unsafe { _mm256_loadu_ps(q.add(r * HEAD_DIM_K + c * LANES)) });
                 for k in 0..C {
-                    acc_r[k] = _mm256_fmadd_ps(qv, kv[k], acc_r[k]);
+                    // SAFETY: c·8 + 8 <= 576 elements of key row k.
+                    let kv = unsafe { widen8::<DT>(keys[k].add(c * LANES * e)) };
+                    for (acc_r, qr) in acc.iter_mut().zip(&qv) {
+                        acc_r[k] = _mm256_fmadd_ps(*qr, kv, acc_r[k]);
+                    }
+                }
+            } else {
+                // SAFETY: c·8 + 8 <= 576 elements of key row k.
+                let kv: [__m256; C] = std::array::from_fn(|k| unsafe { widen8::<DT>(keys[k].add(c * LANES * e)) });
+                for (r, acc_r) in acc.iter_mut().enumerate() {
+                    // SAFETY: row r < R of q has 576 floats.
+                    let qv = unsafe { _mm256_loadu_ps(q.add(r * HEAD_DIM_K + c * LANES)) };
+                    for k in 0..C {
+                        acc_r[k] = _mm256_fmadd_ps(qv, kv[k], acc_r[k]);
+                    }
                 }
             }
         }
@@ -817,6 +831,23 @@ mod avx2 {
                     // Exact: scaling back up by 2^120 (two exact steps) gives the table value.
                     assert_eq!((g * 2f32.powi(60) * 2f32.powi(60)).to_bits(), want.to_bits(), "code {c:#04x}");
                     assert_eq!((g * E4M3_FINITE_QP_SCALE).to_bits(), (want * super::super::E4M3_KV_UNIT).to_bits());
+                }
+            }
+        }
+
+        #[test]
+        fn nan_scan_finds_exactly_the_nan_codes() {
+            if !super::super::Isa::Avx2.is_available() {
+                return;
+            }
+            for code in 0..=255u8 {
+                for at in [0, 31, 32, 575] {
+                    let mut row = [0xFEu8; HEAD_DIM_K]; // −448, the largest finite magnitude
+                    row[at] = code;
+                    let rows = [row.as_ptr()];
+                    // SAFETY: AVX2 is available (checked above); the row holds 576 readable bytes.
+                    let got = unsafe { e4m3_any_nan(&rows, HEAD_DIM_K) };
+                    assert_eq!(got, code & 0x7F == 0x7F, "code {code:#04x} at {at}");
                 }
             }
         }
