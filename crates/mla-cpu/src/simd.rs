@@ -484,13 +484,18 @@ mod avx2 {
         }
     }
 
-    /// Keys per `qk` tile for a tile of `rows` query rows: at most 12 accumulators, fewer rows → more keys, so
-    /// that even a single query row keeps 8 independent FMA chains in flight.
-    const fn qk_keys(rows: usize) -> usize {
+    /// Keys per `qk` tile for a tile of `rows` query rows of dtype `dt`: at most 12 accumulators, fewer rows →
+    /// more keys, so that even a single query row keeps 8 independent FMA chains in flight. The finite e4m3
+    /// widening keeps its mask in a register, so its 3- and 4-row tiles take fewer keys: 12 accumulators + 3 + 1
+    /// live values + the mask would be 17 of the 16 ymm registers and spill (the Q loads per FMA rise from 1/3 to
+    /// 1/2, the widenings per FMA stay 1/rows).
+    const fn qk_keys(dt: u8, rows: usize) -> usize {
         match rows {
             1 => 8,
             2 => 6,
+            3 if dt == DT_E4M3_FINITE => 3,
             3 => 4,
+            4 if dt == DT_E4M3_FINITE => 2,
             4 => 3,
             5 | 6 => 2,
             _ => 1,
@@ -512,7 +517,7 @@ mod avx2 {
             let qp = q[r0 * HEAD_DIM_K..].as_ptr();
             let mut j0 = 0;
             while j0 < n {
-                let cols = (n - j0).min(qk_keys(rows));
+                let cols = (n - j0).min(qk_keys(DT, rows));
                 let sp = s[r0 * S_STRIDE + j0..].as_mut_ptr();
                 let kk = &keys[j0..j0 + cols];
                 if r0 == 0 {
@@ -524,7 +529,7 @@ mod avx2 {
                     ($r:literal: $($c:literal)*) => {
                         match cols {
                             $($c => qk_tile::<DT, $r, $c>(qp, kk, sp),)*
-                            _ => unreachable!("cols <= qk_keys(rows)"),
+                            _ => unreachable!("cols <= qk_keys(DT, rows)"),
                         }
                     };
                 }
