@@ -487,8 +487,8 @@ mod avx2 {
     /// Keys per `qk` tile for a tile of `rows` query rows of dtype `dt`: at most 12 accumulators, fewer rows →
     /// more keys, so that even a single query row keeps 8 independent FMA chains in flight. The finite e4m3
     /// widening keeps its mask in a register, so its 3- and 4-row tiles take fewer keys: 12 accumulators + 3 + 1
-    /// live values + the mask would be 17 of the 16 ymm registers and spill (the Q loads per FMA rise from 1/3 to
-    /// 1/2, the widenings per FMA stay 1/rows).
+    /// live values + the mask would be 17 of the 16 ymm registers and spill (a tile does 1/keys Q loads and 1/rows
+    /// widenings per FMA, so only the cheap Q loads rise).
     const fn qk_keys(dt: u8, rows: usize) -> usize {
         match rows {
             1 => 8,
