@@ -11,9 +11,9 @@ use mla_core::{
     DecodeArgs, DecodeShape, Device, Error, MetadataArgs, MlaBackend, PageSizes, Result, Stream, Workspace,
 };
 
-use crate::registry::{BACKEND_NAMES, open_backend};
 use crate::status::{boundary, flashmla_status};
 use crate::tensor::{flashmla_device_type, flashmla_dtype, flashmla_tensor, optional_tensor_arg, tensor_arg};
+use mla::{BACKEND_NAMES, open_backend};
 
 /// Version of the C ABI described by `include/flashmla.h`. Bumped on every incompatible change (a changed
 /// signature, struct layout or constant value); compare it with `flashmla_abi_version()` at load time.

@@ -1,7 +1,7 @@
 //! # flashmla (mla-ffi): the stable C ABI of flashmla-rs
 //!
 //! Built as `libflashmla.so` / `libflashmla.a` with the header `include/flashmla.h` (generated from this crate by
-//! cbindgen, checked by `tests/header.rs`), and as an rlib holding the backend [`registry`] shared with the CLI.
+//! cbindgen, checked by `tests/header.rs`). Backends are opened by name through the `flashmla` crate's registry.
 //!
 //! | C entry point | does |
 //! |---|---|
@@ -19,11 +19,9 @@
 //! between threads. See `docs/c-api.md` for a complete C example.
 
 pub mod api;
-pub mod registry;
 pub mod status;
 pub mod tensor;
 
 pub use api::*;
-pub use registry::{BACKEND_NAMES, open_backend};
 pub use status::{flashmla_last_error_message, flashmla_status, flashmla_status_name, status_of};
 pub use tensor::{FLASHMLA_MAX_NDIM, flashmla_device_type, flashmla_dtype, flashmla_tensor};
