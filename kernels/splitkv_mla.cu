@@ -119,9 +119,9 @@ __device__ __forceinline__ void issue_page_load(const CUtensorMap* tmap_k, const
 // (H200: up to 1.7x that bound with q, k ~ N(0, 9)). The steps run instead as chains of FP8_QK_CHAIN_STEPS, each
 // into a fresh accumulator, added in f32 registers. 6 steps (3 chains): the first two chains run back to back into
 // two accumulators and only the third waits for their sum: one tensor-pipe bubble per page (H200: e4m3 4-5% slower
-// than one chain, 1.5% at h_q·s_q = 256; lse error 0.40-0.55 of the bound over two draws where one chain reached 1.6-1.7). Measured
-// alternatives: 4 steps (0.28 of the bound, three bubbles, 10% slower), 8 steps (0.60, one bubble), a third
-// accumulator that hides the bubble (44 bytes of spills: slower than the bubble).
+// than one chain, 1.5% at h_q·s_q = 256; lse error 0.40-0.55 of the bound over two draws, where one chain reached
+// 1.6-1.7). Measured alternatives: 4 steps (0.28 of the bound, three bubbles, 10% slower), 8 steps (0.60, one
+// bubble), a third accumulator that hides the bubble (44 bytes of spills: slower than the bubble).
 #ifndef MLA_FP8_QK_CHAIN_STEPS
 #define MLA_FP8_QK_CHAIN_STEPS 6
 #endif
