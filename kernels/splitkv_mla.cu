@@ -16,6 +16,9 @@
 // quantised to e4m3 (P in [0, 1], as upstream). The e4m3 A fragment does not match the accumulator's column pairs
 // (primer §6.3), so P is packed straight from the accumulator and Vᵀ's token order is permuted the same way.
 //
+// e4m3 Q·Kᵀ runs as three 6-step chains into fresh accumulators, added in f32 (the FP8 tensor cores' accumulation
+// is not f32-exact; see FP8_QK_CHAIN_STEPS).
+//
 // Logits are kept in the log2 domain (scale · log2 e folded in), masked by select (never by adding), so NaN in K
 // rows past the request's end never leaks; V rows past the end are zeroed in shared memory before P·V (0 · NaN is
 // NaN). Rows that see nothing give out = 0, lse = +inf. A request with one split writes out/lse directly; a split
@@ -37,6 +40,9 @@ constexpr int BAR_V_READY = 4;   // WG1 → WG0 (e4m3): V(i) converted into sV
 // Lazy rescaling: the softmax reference max follows the running max only when it falls behind by more than this
 // (log2 units), so P <= 2^8 (exact in bf16/f16/e4m3 range) and O is rescaled on few pages instead of every page.
 constexpr float RESCALE_SLACK_LOG2 = 8.0f;
+constexpr int SOFTMAX_ROW_ELEMS = 16;  // logits of one row per thread and page (64 tokens over a quad of lanes)
+static_assert(SOFTMAX_ROW_ELEMS == 16, "the max tree below is written out for 16 logits");
+constexpr int SOFTMAX_SUM_PARTS = 4;   // partial sums per row
 
 template <int KIND>
 struct Traits;
@@ -108,39 +114,90 @@ __device__ __forceinline__ void issue_page_load(const CUtensorMap* tmap_k, const
   }
 }
 
-// Issues S[64x64] = Q · Kᵀ for one page (WG0) as one wgmma group; the caller waits for it.
+// e4m3 Q·Kᵀ precision: the FP8 tensor cores add into their accumulator with reduced precision (primer §7.4), so
+// one 576-long chain of 18 k32 steps loses ~1e-3 of a logit, and on large logits the lse misses 1e-3 + 1e-3·|lse|
+// (H200: up to 1.7x that bound with q, k ~ N(0, 9)). The steps run instead as chains of FP8_QK_CHAIN_STEPS, each
+// into a fresh accumulator, added in f32 registers. 6 steps (3 chains): the first two chains run back to back into
+// two accumulators and only the third waits for their sum: one tensor-pipe bubble per page (H200: e4m3 4-5% slower
+// than one chain, 1.5% at h_q·s_q = 256; lse error 0.40-0.55 of the bound over two draws, where one chain reached
+// 1.6-1.7). Measured alternatives: 4 steps (0.28 of the bound, three bubbles, 10% slower), 8 steps (0.60, one
+// bubble), a third accumulator that hides the bubble (44 bytes of spills: slower than the bubble).
+#ifndef MLA_FP8_QK_CHAIN_STEPS
+#define MLA_FP8_QK_CHAIN_STEPS 6
+#endif
+constexpr int FP8_QK_CHAIN_STEPS = MLA_FP8_QK_CHAIN_STEPS;
+constexpr int FP8_QK_STEPS = 18;     // 576 columns / 32
+constexpr int FP8_SW128_STEPS = 16;  // 4 SW128 chunks x 4 k32 steps; the last 2 are the SW64 tail
+
+// One k32 step of the e4m3 S = Q·Kᵀ: steps 0-15 walk the 4 SW128 chunks (32 bytes per step), 16-17 the SW64 tail.
+template <int KIND>
+__device__ __forceinline__ void qk_step_e4m3(float (&acc)[32], uint32_t sq, uint32_t sk, int step, int accumulate) {
+  if (step < FP8_SW128_STEPS) {
+    const uint32_t off = (step / 4) * CHUNK_BYTES + (step % 4) * FP8_K_STEP_BYTES;
+    wgmma_m64n64k32_ss_e4m3(acc, make_smem_desc(sq + off, KMAJOR_LBO, SW128_SBO),
+                            make_smem_desc(sk + off, KMAJOR_LBO, SW128_SBO), accumulate);
+  } else {
+    const uint32_t off = Smem<KIND>::TAIL + (step - FP8_SW128_STEPS) * FP8_K_STEP_BYTES;
+    wgmma_m64n64k32_ss_e4m3(acc, make_smem_desc_sw64(sq + off, KMAJOR_LBO, SW64_SBO),
+                            make_smem_desc_sw64(sk + off, KMAJOR_LBO, SW64_SBO), accumulate);
+  }
+}
+
+// Issues chain `c` (steps c·FP8_QK_CHAIN_STEPS ...) into a fresh accumulator as one wgmma group.
+template <int KIND>
+__device__ __forceinline__ void issue_qk_chain_e4m3(float (&acc)[32], uint32_t sq, uint32_t sk, int c) {
+  wgmma_fence();
+#pragma unroll
+  for (int k = 0; k < FP8_QK_CHAIN_STEPS; ++k) {
+    const int step = c * FP8_QK_CHAIN_STEPS + k;
+    if (step < FP8_QK_STEPS) qk_step_e4m3<KIND>(acc, sq, sk, step, k != 0);
+  }
+  wgmma_commit();
+}
+
+template <int N>
+__device__ __forceinline__ void add_regs(float (&d)[N], const float (&a)[N]) {
+#pragma unroll
+  for (int i = 0; i < N; ++i) d[i] += a[i];
+}
+
+// e4m3 S = Q·Kᵀ with the chains added in f32 (see FP8_QK_CHAIN_STEPS); returns with every wgmma complete. Chain 0
+// goes to `s`, chains 1.. to `t`, the next one issued once `t` has been added.
+template <int KIND>
+__device__ __forceinline__ void gemm_qk_e4m3(float (&s)[32], uint32_t sq, uint32_t sk) {
+  constexpr int CHAINS = (FP8_QK_STEPS + FP8_QK_CHAIN_STEPS - 1) / FP8_QK_CHAIN_STEPS;
+  issue_qk_chain_e4m3<KIND>(s, sq, sk, 0);
+  if constexpr (CHAINS == 1) {
+    wgmma_wait<0>();
+    pin_regs(s);
+  } else {
+    float t[32];
+#pragma unroll
+    for (int c = 1; c < CHAINS; ++c) {
+      issue_qk_chain_e4m3<KIND>(t, sq, sk, c);
+      wgmma_wait<0>();
+      pin_regs(s);
+      pin_regs(t);
+      add_regs(s, t);
+    }
+  }
+}
+
+// Issues S[64x64] = Q · Kᵀ for one 16-bit page (WG0) as one wgmma group; the caller waits for it.
 template <int KIND>
 __device__ __forceinline__ void issue_qk(float (&s)[32], uint32_t sq, uint32_t sk) {
   wgmma_fence();
-  if constexpr (Traits<KIND>::FP8) {
 #pragma unroll
-    for (int c = 0; c < Traits<KIND>::CHUNKS; ++c) {
+  for (int c = 0; c < Traits<KIND>::CHUNKS; ++c) {
 #pragma unroll
-      for (int k = 0; k < 4; ++k) {  // four 32-column k-steps of 32 bytes per 128-byte row
-        const uint32_t off = c * CHUNK_BYTES + k * 32;
-        wgmma_m64n64k32_ss_e4m3(s, make_smem_desc(sq + off, KMAJOR_LBO, SW128_SBO),
-                                make_smem_desc(sk + off, KMAJOR_LBO, SW128_SBO), (c | k) != 0);
-      }
-    }
-#pragma unroll
-    for (int k = 0; k < 2; ++k) {  // the 64 RoPE columns: two k-steps in the SW64 tail
-      const uint32_t off = Smem<KIND>::TAIL + k * 32;
-      wgmma_m64n64k32_ss_e4m3(s, make_smem_desc_sw64(sq + off, KMAJOR_LBO, SW64_SBO),
-                              make_smem_desc_sw64(sk + off, KMAJOR_LBO, SW64_SBO), 1);
-    }
-  } else {
-#pragma unroll
-    for (int c = 0; c < Traits<KIND>::CHUNKS; ++c) {
-#pragma unroll
-      for (int k = 0; k < 4; ++k) {  // four 16-column k-steps of 32 bytes per 128-byte row
-        const uint32_t off = c * CHUNK_BYTES + k * 32;
-        const uint64_t da = make_smem_desc(sq + off, KMAJOR_LBO, SW128_SBO);
-        const uint64_t db = make_smem_desc(sk + off, KMAJOR_LBO, SW128_SBO);
-        if constexpr (KIND == KIND_BF16) {
-          wgmma_m64n64k16_ss_bf16(s, da, db, (c | k) != 0);
-        } else {
-          wgmma_m64n64k16_ss_f16(s, da, db, (c | k) != 0);
-        }
+    for (int k = 0; k < 4; ++k) {  // four 16-column k-steps of 32 bytes per 128-byte row
+      const uint32_t off = c * CHUNK_BYTES + k * 32;
+      const uint64_t da = make_smem_desc(sq + off, KMAJOR_LBO, SW128_SBO);
+      const uint64_t db = make_smem_desc(sk + off, KMAJOR_LBO, SW128_SBO);
+      if constexpr (KIND == KIND_BF16) {
+        wgmma_m64n64k16_ss_bf16(s, da, db, (c | k) != 0);
+      } else {
+        wgmma_m64n64k16_ss_f16(s, da, db, (c | k) != 0);
       }
     }
   }
@@ -399,46 +456,74 @@ __device__ __forceinline__ void splitkv_body(const CUtensorMap* tmap_k, const CU
         float s[32];
 #pragma unroll
         for (int j = 0; j < 32; ++j) s[j] = 0.0f;
-        issue_qk<KIND>(s, sq, sk_buf);
-        wgmma_wait<0>();
-        pin_regs(s);
+        if constexpr (Tr::FP8) {
+          gemm_qk_e4m3<KIND>(s, sq, sk_buf);
+        } else {
+          issue_qk<KIND>(s, sq, sk_buf);
+          wgmma_wait<0>();
+          pin_regs(s);
+        }
 
         float row_scale[2];
         // Accumulator element j: row row_a + 8·((j>>1)&1), column 8·(j>>2) + 2·quad + (j&1).
+        // Interior pages (every token visible to both of the thread's rows, in every lane of the warp) skip the
+        // mask, and with a positive logit scale (always, except e4m3 descales <= 0) the scale moves out of the max
+        // (c·max s = max c·s exactly) and into the exponent as one FFMA: 2^(c·s − m).
+        const int tok0 = blk * PAGE_TOKENS + 2 * quad;  // first token of this thread's column pairs
+        const auto softmax = [&](auto interior_tag) {
+          constexpr bool INTERIOR = decltype(interior_tag)::value;
 #pragma unroll
-        for (int h = 0; h < 2; ++h) {
-          float mx = -INFINITY;
+          for (int h = 0; h < 2; ++h) {
+            float v[SOFTMAX_ROW_ELEMS];  // this thread's 16 logits of row h
 #pragma unroll
-          for (int jj = 0; jj < 8; ++jj) {
+            for (int jj = 0; jj < 8; ++jj) {
 #pragma unroll
-            for (int e = 0; e < 2; ++e) {
-              const int j = 4 * jj + 2 * h + e;
-              const int tok = blk * PAGE_TOKENS + 8 * jj + 2 * quad + e;
-              s[j] = tok < limit[h] ? s[j] * c_log2 : -INFINITY;  // select: NaN past the end never leaks
-              mx = fmaxf(mx, s[j]);
+              for (int e = 0; e < 2; ++e) {
+                const int j = 4 * jj + 2 * h + e;
+                if constexpr (!INTERIOR) {
+                  const int tok = tok0 + 8 * jj + e;
+                  s[j] = tok < limit[h] ? s[j] * c_log2 : -INFINITY;  // select: NaN past the end never leaks
+                }
+                v[2 * jj + e] = s[j];
+              }
             }
-          }
-          mx = fmaxf(mx, __shfl_xor_sync(0xffffffff, mx, 1));
-          mx = fmaxf(mx, __shfl_xor_sync(0xffffffff, mx, 2));
-          // The reference max moves only when the page's max exceeds it by more than RESCALE_SLACK_LOG2 (the
-          // first finite max always moves it: −inf + slack = −inf), so most pages leave O alone. P = 2^(s − m) is
-          // then at most 2^RESCALE_SLACK_LOG2; O and l share the reference, so the result is unchanged.
-          const bool raise = fmaxf(m_run[h], mx) > m_run[h] + RESCALE_SLACK_LOG2;
-          const float m_ref = raise ? mx : m_run[h];
-          const float m_use = m_ref == -INFINITY ? 0.0f : m_ref;  // a row that saw nothing yet stays at 0
-          row_scale[h] = raise ? exp2_approx(m_run[h] - m_use) : 1.0f;
-          m_run[h] = m_ref;
-          float sum = 0.0f;
+            // Tree reduction: 4 dependent steps instead of 15.
 #pragma unroll
-          for (int jj = 0; jj < 8; ++jj) {
+            for (int k = 0; k < 8; ++k) v[k] = fmaxf(v[k], v[k + 8]);
 #pragma unroll
-            for (int e = 0; e < 2; ++e) {
-              const int j = 4 * jj + 2 * h + e;
-              s[j] = exp2_approx(s[j] - m_use);
-              sum += s[j];
+            for (int k = 0; k < 4; ++k) v[k] = fmaxf(v[k], v[k + 4]);
+            float mx = fmaxf(fmaxf(v[0], v[2]), fmaxf(v[1], v[3]));
+            if constexpr (INTERIOR) mx *= c_log2;
+            mx = fmaxf(mx, __shfl_xor_sync(0xffffffff, mx, 1));
+            mx = fmaxf(mx, __shfl_xor_sync(0xffffffff, mx, 2));
+            // The reference max moves only when the page's max exceeds it by more than RESCALE_SLACK_LOG2 (the
+            // first finite max always moves it: −inf + slack = −inf), so most pages leave O alone. P = 2^(s − m)
+            // is then at most 2^RESCALE_SLACK_LOG2; O and l share the reference, so the result is unchanged.
+            const bool raise = fmaxf(m_run[h], mx) > m_run[h] + RESCALE_SLACK_LOG2;
+            const float m_ref = raise ? mx : m_run[h];
+            const float m_use = m_ref == -INFINITY ? 0.0f : m_ref;  // a row that saw nothing yet stays at 0
+            row_scale[h] = raise ? exp2_approx(m_run[h] - m_use) : 1.0f;
+            m_run[h] = m_ref;
+            float part[SOFTMAX_SUM_PARTS] = {};  // independent partial sums, not one 16-long dependent chain
+#pragma unroll
+            for (int jj = 0; jj < 8; ++jj) {
+#pragma unroll
+              for (int e = 0; e < 2; ++e) {
+                const int j = 4 * jj + 2 * h + e;
+                s[j] = exp2_approx(INTERIOR ? fmaf(s[j], c_log2, -m_use) : s[j] - m_use);
+                part[(2 * jj + e) % SOFTMAX_SUM_PARTS] += s[j];
+              }
             }
+            float sum = 0.0f;
+#pragma unroll
+            for (int k = 0; k < SOFTMAX_SUM_PARTS; ++k) sum += part[k];
+            l_run[h] = l_run[h] * row_scale[h] + sum;
           }
-          l_run[h] = l_run[h] * row_scale[h] + sum;
+        };
+        if (c_log2 > 0.0f && __all_sync(0xffffffff, (blk + 1) * PAGE_TOKENS <= min(limit[0], limit[1]))) {
+          softmax(std::true_type{});
+        } else {
+          softmax(std::false_type{});
         }
         if constexpr (!Tr::FP8) {
           if (valid < PAGE_TOKENS) zero_v_tail(gk, valid, tw);  // WG1 reads V(i) only after P_READY

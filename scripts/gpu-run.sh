@@ -12,43 +12,115 @@
 # GPU_STEPS="tests memcheck racecheck bench small cli python" and extra bench flags with BENCH_ARGS / SMALL_ARGS
 # (e.g. BENCH_ARGS="--dtype e4m3 --sk 4096"; `flashmla help` lists them). The python step needs the wheel in
 # gpu-bin/python (scripts/build-wheel.sh gpu-bin/python).
+#
+# Kernel A/B (step `ab`, not in the default list): every $BIN/variants/NAME.cubin (split kernels compiled with other
+# compile-time switches, see docs/gpu.md) is loaded through FLASHMLA_HOPPER_SPLITKV_CUBIN in turn, AB_ROUNDS times
+# (default 2, interleaved, so the spread between rounds shows the noise): the E4M3 large-logit accuracy test, then
+# `flashmla bench --backend hopper $AB_ARGS`. With $BIN/anchors-h200.json present, the summary adds each row's ratio
+# to upstream's H200 figure. GPU_BIN picks another folder than gpu-bin. Logs are packed into $OUT/logs.tgz at the end
+# (the device tool returns at most 8 files).
 set -uo pipefail
 OUT="${OUT:-/tmp/flashmla-gpu}"
-mkdir -p "$OUT"
-BIN=gpu-bin
+LOGS="$OUT/logs"
+mkdir -p "$LOGS"
+BIN="${GPU_BIN:-gpu-bin}"
 STEPS="${GPU_STEPS:-tests memcheck racecheck bench small cli python}"
+AB_ARGS="${AB_ARGS:---dtype bf16,e4m3 --sk 4096,16384 --h-q 16,128 --s-q 1,2 --varlen fixed}"
+AB_ROUNDS="${AB_ROUNDS:-2}"
+pack_logs() { (cd "$OUT" && tar czf logs.tgz logs && rm -rf logs); }
+trap pack_logs EXIT
 ROOT="$PWD"
 export FLASHMLA_REQUIRE_GPU=1
-nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem --format=csv,noheader | tee "$OUT/device.txt"
+nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem --format=csv,noheader | tee "$LOGS/device.txt"
 declare -A RC
 for step in $STEPS; do
   case "$step" in
-    tests) timeout 240 "$BIN/hopper-gpu-tests" --test-threads=1 --nocapture >"$OUT/tests.log" 2>&1 ;;
-    memcheck) FLASHMLA_QUICK=1 timeout 200 compute-sanitizer --tool memcheck --error-exitcode 9 \
-        "$BIN/hopper-gpu-tests" --test-threads=1 --nocapture >"$OUT/memcheck.log" 2>&1 ;;
-    racecheck) FLASHMLA_QUICK=1 timeout 200 compute-sanitizer --tool racecheck --error-exitcode 9 \
-        "$BIN/hopper-gpu-tests" --test-threads=1 --nocapture decode_matches_reference >"$OUT/racecheck.log" 2>&1 ;;
-    bench) timeout 300 "$BIN/flashmla" bench --backend hopper --json "$OUT/bench.json" ${BENCH_ARGS:-} \
-        >"$OUT/bench.log" 2>&1 ;;
-    small) timeout 120 "$BIN/flashmla" bench --backend hopper --grid small --json "$OUT/small.json" ${SMALL_ARGS:-} \
-        >"$OUT/small.log" 2>&1 ;;
-    cli) timeout 240 bash scripts/gpu-cli-check.sh "$BIN/flashmla" >"$OUT/cli.log" 2>&1 ;;
+    tests) timeout 240 "$BIN/hopper-gpu-tests" --test-threads=1 --nocapture >"$LOGS/tests.log" 2>&1 ;;
+    memcheck) FLASHMLA_QUICK=1 timeout "${SAN_TIMEOUT:-200}" compute-sanitizer --tool memcheck --error-exitcode 9 \
+        "$BIN/hopper-gpu-tests" --test-threads=1 --nocapture >"$LOGS/memcheck.log" 2>&1 ;;
+    racecheck) FLASHMLA_QUICK=1 timeout "${SAN_TIMEOUT:-200}" compute-sanitizer --tool racecheck --error-exitcode 9 \
+        "$BIN/hopper-gpu-tests" --test-threads=1 --nocapture decode_matches_reference >"$LOGS/racecheck.log" 2>&1 ;;
+    bench) timeout 300 "$BIN/flashmla" bench --backend hopper --json "$LOGS/bench.json" ${BENCH_ARGS:-} \
+        >"$LOGS/bench.log" 2>&1 ;;
+    small) timeout 120 "$BIN/flashmla" bench --backend hopper --grid small --json "$LOGS/small.json" ${SMALL_ARGS:-} \
+        >"$LOGS/small.log" 2>&1 ;;
+    cli) timeout 240 bash scripts/gpu-cli-check.sh "$BIN/flashmla" >"$LOGS/cli.log" 2>&1 ;;
     python) (python3 -m pip install -q --no-index --no-deps --target /tmp/fm/site-packages "$BIN"/python/flashmla-*.whl &&
         cd /tmp/fm && PYTHONPATH=/tmp/fm/site-packages FLASHMLA_EXPECT_INSTALLED=1 FLASHMLA_REPO_ROOT="$ROOT" \
-        PYTHONUNBUFFERED=1 timeout 240 python3 -m pytest -p no:cacheprovider -ra "$ROOT/python/tests") >"$OUT/python.log" 2>&1 ;;
+        PYTHONUNBUFFERED=1 timeout 240 python3 -m pytest -p no:cacheprovider -ra "$ROOT/python/tests") >"$LOGS/python.log" 2>&1 ;;
+    ncu) # Hardware counters of one split-kernel launch per NCU_CASES entry ("variant|bench flags"; variant = a cubin
+        # name in $BIN/variants or "default"), clocks left alone.
+        IFS=';' read -ra cases <<<"${NCU_CASES:-default|--dtype bf16 --sk 4096 --h-q 128 --s-q 2}"
+        for c in "${cases[@]}"; do
+          v="${c%%|*}"
+          cubin=""
+          [[ "$v" != default ]] && cubin="$BIN/variants/$v.cubin"
+          echo "== ncu $c" >>"$LOGS/ncu.log"
+          env ${cubin:+FLASHMLA_HOPPER_SPLITKV_CUBIN="$cubin"} timeout 120 ncu --clock-control none -k regex:mla_splitkv -c 1 \
+            --section SpeedOfLight --section MemoryWorkloadAnalysis --section ComputeWorkloadAnalysis \
+            "$BIN/flashmla" bench --backend hopper ${c#*|} --varlen fixed --iters 1 --sets 1 --no-ceilings \
+            >>"$LOGS/ncu.log" 2>&1
+        done ;;
+    ab) for round in $(seq 1 "$AB_ROUNDS"); do
+          for cubin in "$BIN"/variants/*.cubin; do
+            v=$(basename "$cubin" .cubin)
+            echo "== round $round variant $v" >>"$LOGS/ab.log"
+            if [[ "$round" == 1 ]]; then
+              FLASHMLA_HOPPER_SPLITKV_CUBIN="$cubin" timeout 60 "$BIN/hopper-gpu-tests" --test-threads=1 --nocapture \
+                e4m3_lse_within_bound_on_large_logits 2>&1 | grep -E "^e4m3 amp|test result" >>"$LOGS/ab.log"
+            fi
+            FLASHMLA_HOPPER_SPLITKV_CUBIN="$cubin" timeout 120 "$BIN/flashmla" bench --backend hopper \
+              --json "$LOGS/ab-$v-r$round.json" $AB_ARGS >>"$LOGS/ab.log" 2>&1
+          done
+        done ;;
   esac
   RC[$step]=$?
 done
 echo "=================== summary ==================="
 for step in $STEPS; do
-  log="$OUT/$step.log"
+  log="$LOGS/$step.log"
   echo "--- $step: exit ${RC[$step]}"
   case "$step" in
-    tests) grep -E "^test |test result|FAIL|panicked|e4m3 worst|scheduler:|replay" "$log" | head -40 ;;
+    tests) grep -E "^test |test result|FAIL|panicked|e4m3 worst|^e4m3 amp|scheduler:|replay" "$log" | head -40 ;;
     memcheck|racecheck) grep -E "ERROR SUMMARY|RACECHECK SUMMARY|test result|Invalid|Race" "$log" | head -12 ;;
     bench) grep -vE "^\s*$" "$log" | tail -160 ;;
     small) grep -vE "^\s*$" "$log" | tail -60 ;;
     cli) grep -E "^(==|time:|check|PASS|FAIL|cos|max|  |backend|error)" "$log" | head -60 ;;
     python) grep -E "passed|failed|error|SKIP|FAIL" "$log" | tail -15 ;;
+    ncu) grep -E "^== ncu|Throughput|Duration|Busy|Pipe|Hit Rate|Bandwidth|Executed Ipc|Issue Slots|Mem Busy" "$log" | head -60 ;;
+    ab) grep -E "^== |^e4m3 amp|test result|copy ceiling" "$log" | head -60
+        python3 - "$LOGS" "$BIN/anchors-h200.json" <<'PY'
+import glob, json, os, sys
+logs, anchors_path = sys.argv[1], sys.argv[2]
+up = {}
+if os.path.exists(anchors_path):
+    for r in json.load(open(anchors_path))["rows"]:
+        up[(r["dtype"], r["s_k"], r["h_q"], r["s_q"], r["varlen"])] = r["ms"]
+runs = {}
+for f in sorted(glob.glob(f"{logs}/ab-*-r*.json")):
+    name = os.path.basename(f)[3:-5]
+    v, rnd = name.rsplit("-r", 1)
+    for r in json.load(open(f))["results"]:
+        key = (r["dtype"], r["s_k"], r["h_q"], r["s_q"], r["mode"] == "varlen")
+        runs.setdefault(key, {}).setdefault(v, []).append(r)
+variants = sorted({v for d in runs.values() for v in d})
+print("ms per variant (rounds: min / max); ratio = upstream H200 ms / best round")
+print(f"{'dtype':5} {'s_k':>5} {'h_q':>3} {'s_q':>3} {'mode':6} " + " ".join(f"{v:>22}" for v in variants) + "   up_ms")
+for key in sorted(runs):
+    cells = []
+    for v in variants:
+        rs = runs[key].get(v, [])
+        if not rs:
+            cells.append(f"{'-':>22}")
+            continue
+        ms = sorted(r["ms"] for r in rs)
+        best = min(rs, key=lambda r: r["ms"])
+        ratio = up.get(key)
+        rat = f"{ratio / ms[0]:.3f}" if ratio else "-"
+        cells.append(f"{ms[0]:.4f}/{ms[-1]:.4f} {rat:>5}/{best['tflops']:>4.0f}T"[:22].rjust(22))
+    print(f"{key[0]:5} {key[1]:>5} {key[2]:>3} {key[3]:>3} {'varlen' if key[4] else 'fixed':6} " + " ".join(cells)
+          + f"   {up.get(key, '-')}")
+PY
+        ;;
   esac
 done

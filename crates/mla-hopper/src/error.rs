@@ -47,6 +47,16 @@ pub enum HopperError {
         /// Driver status.
         source: DriverError,
     },
+    /// The split-kernel cubin named by [`crate::SPLITKV_CUBIN_ENV`] could not be read.
+    #[error("reading the split-kernel cubin {path} (from ${var}): {source}")]
+    KernelFile {
+        /// The environment variable that named it.
+        var: &'static str,
+        /// The path it named.
+        path: String,
+        /// The I/O error.
+        source: std::io::Error,
+    },
     /// The CUDA bindings panicked (e.g. a missing driver symbol); caught so callers never see a panic.
     #[error("the CUDA bindings panicked: {0}")]
     Panic(String),

@@ -53,6 +53,11 @@ mod cubins {
     pub(crate) const METADATA: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/get_metadata.cubin"));
 }
 
+/// Development hook for A/B measurements of kernel variants: when set, the split kernels are loaded from this cubin
+/// file (compiled from `kernels/splitkv_mla.cu` with other compile-time switches, same entry points and same
+/// shared-memory plan) instead of the embedded one. `docs/gpu.md` describes the workflow.
+pub const SPLITKV_CUBIN_ENV: &str = "FLASHMLA_HOPPER_SPLITKV_CUBIN";
+
 /// Tokens per KV page (and per kernel tile).
 pub const PAGE_SIZE: usize = 64;
 /// Threads per CTA of the split kernel (two warpgroups).
@@ -170,8 +175,15 @@ impl HopperBackend {
         use cudarc::nvrtc::Ptx;
         let init = |call| move |source| HopperError::Init { call, source };
         let load = |bytes: &[u8]| ctx.load_module(Ptx::from_binary(bytes.to_vec())).map_err(init("cuModuleLoadData"));
-        let (split_mod, combine_mod, meta_mod) =
-            (load(cubins::SPLITKV)?, load(cubins::COMBINE)?, load(cubins::METADATA)?);
+        let split_bytes = match std::env::var_os(SPLITKV_CUBIN_ENV).filter(|p| !p.is_empty()) {
+            Some(path) => std::fs::read(&path).map_err(|source| HopperError::KernelFile {
+                var: SPLITKV_CUBIN_ENV,
+                path: path.to_string_lossy().into_owned(),
+                source,
+            })?,
+            None => cubins::SPLITKV.to_vec(),
+        };
+        let (split_mod, combine_mod, meta_mod) = (load(&split_bytes)?, load(cubins::COMBINE)?, load(cubins::METADATA)?);
         let func = |m: &Arc<CudaModule>, name| m.load_function(name).map_err(init("cuModuleGetFunction"));
         let splitkv = [
             func(&split_mod, "mla_splitkv_bf16")?,

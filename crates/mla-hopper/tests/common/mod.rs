@@ -106,6 +106,78 @@ pub struct Problem {
     pub strided_outputs: bool,
 }
 
+/// The largest finite e4m3 value.
+pub const E4M3_MAX: f32 = 448.0;
+
+/// A problem's shape and flags.
+struct Shape {
+    dtype: DType,
+    b: usize,
+    s_q: usize,
+    h_q: usize,
+    h_kv: usize,
+    causal: bool,
+    strided_outputs: bool,
+}
+
+/// The paged cache's layout: a random permutation of the pages (plus spare ones) and the block table.
+struct Pages {
+    num_blocks: usize,
+    max_blocks: usize,
+    block_table: Vec<i32>,
+    /// page → (request, block of the request), None for spare pages
+    page_of: Vec<Option<(usize, usize)>>,
+}
+
+impl Pages {
+    fn random(rng: &mut Rng, seqlens: &[i32]) -> Pages {
+        let b = seqlens.len();
+        let blocks: Vec<usize> = seqlens.iter().map(|&s| (s as usize).div_ceil(PAGE)).collect();
+        let used: usize = blocks.iter().sum();
+        let spare = 3;
+        let num_blocks = used + spare;
+        let max_blocks = blocks.iter().copied().max().unwrap_or(0) + 1;
+        let mut perm: Vec<usize> = (0..num_blocks).collect();
+        for i in (1..num_blocks).rev() {
+            perm.swap(i, rng.below(i + 1));
+        }
+        let mut block_table = vec![BT_GARBAGE; b * max_blocks];
+        let mut page_of = vec![None; num_blocks];
+        let mut next = 0;
+        for i in 0..b {
+            for j in 0..blocks[i] {
+                block_table[i * max_blocks + j] = perm[next] as i32;
+                page_of[perm[next]] = Some((i, j));
+                next += 1;
+            }
+        }
+        Pages { num_blocks, max_blocks, block_table, page_of }
+    }
+
+    /// Real values of q (`rows` rows of 576) and of the cache, in that order from `rng`: `draw` for live cache rows,
+    /// NaN for rows past each request's end and for spare pages.
+    fn draw(
+        &self,
+        rng: &mut Rng,
+        rows: usize,
+        h_kv: usize,
+        seqlens: &[i32],
+        mut draw: impl FnMut(&mut Rng) -> f32,
+    ) -> (Vec<f32>, Vec<f32>) {
+        let q: Vec<f32> = (0..rows * D_K).map(|_| draw(rng)).collect();
+        let mut k = Vec::with_capacity(self.num_blocks * PAGE * h_kv * D_K);
+        for owner in &self.page_of {
+            for tok in 0..PAGE {
+                let live = owner.is_some_and(|(i, j)| j * PAGE + tok < seqlens[i] as usize);
+                for _ in 0..h_kv * D_K {
+                    k.push(if live { draw(rng) } else { f32::NAN });
+                }
+            }
+        }
+        (q, k)
+    }
+}
+
 impl Problem {
     /// Random inputs. Pages are a random permutation of the cache (plus spare pages full of NaN); rows past
     /// each request's end hold NaN; block-table entries past the end hold [`BT_GARBAGE`].
@@ -121,73 +193,59 @@ impl Problem {
         seqlens: Vec<i32>,
         strided_outputs: bool,
     ) -> Problem {
-        assert_eq!(seqlens.len(), b);
-        let blocks: Vec<usize> = seqlens.iter().map(|&s| (s as usize).div_ceil(PAGE)).collect();
-        let used: usize = blocks.iter().sum();
-        let spare = 3;
-        let num_blocks = used + spare;
-        let max_blocks = blocks.iter().copied().max().unwrap_or(0) + 1;
-        let mut perm: Vec<usize> = (0..num_blocks).collect();
-        for i in (1..num_blocks).rev() {
-            perm.swap(i, rng.below(i + 1));
-        }
-        let mut block_table = vec![BT_GARBAGE; b * max_blocks];
-        let mut page_of = vec![None; num_blocks]; // page → (request, block)
-        let mut next = 0;
-        for i in 0..b {
-            for j in 0..blocks[i] {
-                block_table[i * max_blocks + j] = perm[next] as i32;
-                page_of[perm[next]] = Some((i, j));
-                next += 1;
-            }
-        }
+        let pages = Pages::random(rng, &seqlens);
         // 16-bit: upstream HEAD's clamp(N(0, 1) / 10, ±1). e4m3: real values ~ N(0, 1), stored as value / descale
         // (so the codes use the format's range).
-        let (descale_q, descale_k) = if dtype == DType::E4M3 { (1.0 / 16.0, 1.0 / 8.0) } else { (1.0, 1.0) };
-        let draw = |rng: &mut Rng, descale: f32| -> f32 {
-            if dtype == DType::E4M3 {
-                (rng.normal() / descale as f64) as f32
-            } else {
-                (rng.normal() / 10.0).clamp(-1.0, 1.0) as f32
-            }
+        let descales = if dtype == DType::E4M3 { [1.0 / 16.0, 1.0 / 8.0] } else { [1.0, 1.0] };
+        let draw = |rng: &mut Rng| -> f32 {
+            if dtype == DType::E4M3 { rng.normal() as f32 } else { (rng.normal() / 10.0).clamp(-1.0, 1.0) as f32 }
         };
-        let row = D_K;
-        let mut q_bytes = Vec::with_capacity(b * s_q * h_q * row * 2);
-        let mut q_val = Vec::with_capacity(b * s_q * h_q * row);
-        for _ in 0..b * s_q * h_q * row {
-            let v = push_quantized(dtype, draw(rng, descale_q), &mut q_bytes);
-            q_val.push(v);
-        }
-        let mut k_bytes = Vec::with_capacity(num_blocks * PAGE * h_kv * row * 2);
-        let mut k_val = Vec::with_capacity(num_blocks * PAGE * h_kv * row);
-        for owner in &page_of {
-            for tok in 0..PAGE {
-                let live = owner.is_some_and(|(i, j)| j * PAGE + tok < seqlens[i] as usize);
-                for _ in 0..h_kv * row {
-                    let x = if live { draw(rng, descale_k) } else { f32::NAN };
-                    k_val.push(push_quantized(dtype, x, &mut k_bytes));
-                }
-            }
-        }
+        let real = pages.draw(rng, b * s_q * h_q, h_kv, &seqlens, draw);
+        let shape = Shape { dtype, b, s_q, h_q, h_kv, causal, strided_outputs };
+        Self::assemble(shape, seqlens, pages, real, descales)
+    }
+
+    /// E4M3 inputs as upstream's accuracy script draws them (h_kv = 1): q and k ~ N(0, amp²), each tensor quantised
+    /// with the descale amax / 448 (its largest value lands on the format's largest code). A large `amp` gives large
+    /// logits, where the FP8 tensor cores' reduced-precision accumulation of Q·Kᵀ shows in the lse.
+    pub fn random_e4m3_amax(rng: &mut Rng, b: usize, s_q: usize, h_q: usize, seqlens: Vec<i32>, amp: f64) -> Problem {
+        let pages = Pages::random(rng, &seqlens);
+        let real = pages.draw(rng, b * s_q * h_q, 1, &seqlens, |rng| (rng.normal() * amp) as f32);
+        let amax = |v: &[f32]| v.iter().filter(|x| x.is_finite()).fold(0f32, |m, x| m.max(x.abs()));
+        let descales = [amax(&real.0) / E4M3_MAX, amax(&real.1) / E4M3_MAX];
+        let shape = Shape { dtype: DType::E4M3, b, s_q, h_q, h_kv: 1, causal: true, strided_outputs: false };
+        Self::assemble(shape, seqlens, pages, real, descales)
+    }
+
+    /// Quantises the real values `(q, k)` with `descales` (e4m3: code = value / descale) into a problem.
+    fn assemble(sh: Shape, seqlens: Vec<i32>, pages: Pages, real: (Vec<f32>, Vec<f32>), descales: [f32; 2]) -> Problem {
+        assert_eq!(seqlens.len(), sh.b);
+        let quantize = |values: &[f32], descale: f32| {
+            let mut bytes = Vec::with_capacity(values.len() * sh.dtype.size_bytes());
+            let vals: Vec<f32> = values.iter().map(|&x| push_quantized(sh.dtype, x / descale, &mut bytes)).collect();
+            (bytes, vals)
+        };
+        let (q_bytes, q_val) = quantize(&real.0, descales[0]);
+        let (k_bytes, k_val) = quantize(&real.1, descales[1]);
         Problem {
-            dtype,
-            b,
-            s_q,
-            h_q,
-            h_kv,
-            causal,
+            dtype: sh.dtype,
+            b: sh.b,
+            s_q: sh.s_q,
+            h_q: sh.h_q,
+            h_kv: sh.h_kv,
+            causal: sh.causal,
             seqlens,
-            num_blocks,
-            max_blocks,
-            block_table,
+            num_blocks: pages.num_blocks,
+            max_blocks: pages.max_blocks,
+            block_table: pages.block_table,
             q_bytes,
             k_bytes,
             q_val,
             k_val,
-            descale_q,
-            descale_k,
+            descale_q: descales[0],
+            descale_k: descales[1],
             softmax_scale: mla_core::default_softmax_scale(),
-            strided_outputs,
+            strided_outputs: sh.strided_outputs,
         }
     }
 
