@@ -2,7 +2,7 @@
 
 use mla_core::MlaBackend;
 
-use crate::args::{Args, CliResult};
+use crate::args::{CliResult, InfoArgs};
 
 fn describe(b: &dyn MlaBackend) -> String {
     let c = b.capabilities();
@@ -17,9 +17,8 @@ fn describe(b: &dyn MlaBackend) -> String {
 }
 
 /// Runs `flashmla info`.
-pub fn run(args: &Args) -> CliResult {
-    let ordinal: i32 = args.parsed_or("device", 0)?;
-    args.finish()?;
+pub fn run(args: &InfoArgs) -> CliResult {
+    let ordinal = args.device;
     println!("flashmla {} (ABI and backends of flashmla-rs)", env!("CARGO_PKG_VERSION"));
     println!("build: {}; sm_90a kernels: {}", profile(), mla_hopper::build_info());
     for name in ["cpu", "hopper"] {
