@@ -27,6 +27,8 @@ const MARKER: i32 = 5;
 /// Colours of bf16, fp16, e4m3 (and any other dtype after them).
 const PALETTE: [RGBColor; 4] =
     [RGBColor(31, 119, 180), RGBColor(44, 160, 44), RGBColor(214, 39, 40), RGBColor(148, 103, 189)];
+/// Labels per axis, at most (plotters picks round values; more crowd a logarithmic decade).
+const AXIS_LABELS: usize = 8;
 /// The font family name registered for plotters.
 const FONT: &str = "sans-serif";
 /// GFLOP/s above which the y axis is labelled in TFLOP/s.
@@ -92,6 +94,15 @@ pub fn draw(plot: &Plot, path: &Path) -> CliResult {
     }
 }
 
+/// A tick label: whole numbers from 10 up, two significant digits below.
+fn tick(v: f64) -> String {
+    if v >= 10.0 {
+        format!("{v:.0}")
+    } else {
+        format!("{v:.2}").trim_end_matches('0').trim_end_matches('.').to_string()
+    }
+}
+
 fn colour(dtypes: &[String], dtype: &str) -> RGBColor {
     PALETTE[dtypes.iter().position(|d| d == dtype).unwrap_or(0).min(PALETTE.len() - 1)]
 }
@@ -128,6 +139,10 @@ fn render<DB: DrawingBackend>(plot: &Plot, root: &DrawingArea<DB, Shift>) -> Res
         .map_err(e)?;
     chart
         .configure_mesh()
+        .x_labels(AXIS_LABELS)
+        .y_labels(AXIS_LABELS)
+        .x_label_formatter(&|x| tick(*x))
+        .y_label_formatter(&|y| tick(*y))
         .x_desc("arithmetic intensity (FLOP per byte moved, upstream's formulas)")
         .y_desc(format!("achieved {unit}"))
         .label_style((FONT, 15))
@@ -136,7 +151,9 @@ fn render<DB: DrawingBackend>(plot: &Plot, root: &DrawingArea<DB, Shift>) -> Res
         .map_err(e)?;
 
     if let Some(bw) = plot.copy_gbs {
-        let top = plot.peak_gflops.map_or(x1, |peak| (peak / bw).min(x1));
+        // plotters clamps points outside the axes onto their edge (bending the line), so the diagonal ends where it
+        // leaves the chart: at the ridge, the right edge or the top edge, whichever comes first.
+        let top = plot.peak_gflops.map_or(x1, |peak| (peak / bw).min(x1)).min(y1 / bw);
         chart
             .draw_series(LineSeries::new([(x0, bw * x0 / div), (top, bw * top / div)], BLACK.stroke_width(2)))
             .map_err(e)?
