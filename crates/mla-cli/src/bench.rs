@@ -233,7 +233,10 @@ pub fn run(args: &BenchArgs) -> CliResult {
     if backend_name == "hopper"
         || (backend_name == "auto" && flashmla::open_backend("auto", ordinal).is_ok_and(|b| b.name() == "hopper"))
     {
+        #[cfg(feature = "cuda")]
         return crate::bench_hopper::run(args);
+        #[cfg(not(feature = "cuda"))]
+        return Err(cli_err!("--backend hopper: the GPU benchmark is not built (built without the `cuda` feature)"));
     }
     if let Some(name) = hopper_only_given(args) {
         return Err(cli_err!("--{name} applies to --backend hopper only"));

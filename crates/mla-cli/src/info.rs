@@ -20,7 +20,7 @@ fn describe(b: &dyn MlaBackend) -> String {
 pub fn run(args: &InfoArgs) -> CliResult {
     let ordinal = args.device;
     println!("flashmla {} (ABI and backends of flashmla-rs)", env!("CARGO_PKG_VERSION"));
-    println!("build: {}; sm_90a kernels: {}", profile(), mla_hopper::build_info());
+    println!("build: {}; sm_90a kernels: {}", profile(), kernels());
     for name in ["cpu", "hopper"] {
         let line = match flashmla::open_backend(name, ordinal) {
             Ok(b) => describe(b.as_ref()),
@@ -31,6 +31,16 @@ pub fn run(args: &InfoArgs) -> CliResult {
     let auto = flashmla::open_backend("auto", ordinal).map(|b| b.name()).unwrap_or("none");
     println!("  auto    -> {auto}");
     Ok(())
+}
+
+#[cfg(feature = "cuda")]
+fn kernels() -> &'static str {
+    mla_hopper::build_info()
+}
+
+#[cfg(not(feature = "cuda"))]
+fn kernels() -> &'static str {
+    "none (built without the `cuda` feature)"
 }
 
 fn profile() -> &'static str {

@@ -11,14 +11,17 @@
 //! `flashmla <command> --help` describes each command's options. Errors are one line on stderr and exit status 2;
 //! nothing panics on bad input.
 
+#[cfg(feature = "cuda")]
 mod anchors;
 mod args;
 mod bench;
+#[cfg(feature = "cuda")]
 mod bench_hopper;
 mod check;
 mod decode;
 mod demo;
 mod exec;
+#[cfg(feature = "cuda")]
 mod exec_cuda;
 mod info;
 mod npy;
