@@ -2,6 +2,7 @@
 # Builds and installs the C library: what an engine's build needs to find and link libflashmla.
 #
 #   scripts/install-c-lib.sh [--prefix DIR] [--profile release|debug] [--no-cuda]
+#   (debug: unoptimised crate, quicker to build: what the consumer tests use)
 #
 # Installs (default prefix /usr/local):
 #   lib/libflashmla.so.<ABI>      SONAME libflashmla.so.<ABI>, the major of FLASHMLA_ABI_VERSION (feature `soname`)
@@ -27,13 +28,14 @@ while [ $# -gt 0 ]; do
         --profile) profile=$2; shift 2 ;;
         --profile=*) profile=${1#--profile=}; shift ;;
         --no-cuda) features=(--no-default-features --features soname); shift ;;
-        -h|--help) sed -n '2,18p' "$0"; exit 0 ;;
+        -h|--help) sed -n "2,19p" "$0"; exit 0 ;;
         *) echo "install-c-lib.sh: unknown argument '$1' (expected --prefix DIR, --profile release|debug, --no-cuda)" >&2; exit 2 ;;
     esac
 done
+# Profiles of their own (root Cargo.toml): the SONAME'd build must not overwrite target/{release,debug}/libflashmla.so.
 case "$profile" in
-    release) cargo_profile=(--release); dir=release ;;
-    debug) cargo_profile=(); dir=debug ;;
+    release) cargo_profile=(--profile c-lib); dir=c-lib ;;
+    debug) cargo_profile=(--profile c-lib-dev); dir=c-lib-dev ;;
     *) echo "install-c-lib.sh: --profile: expected release or debug, got '$profile'" >&2; exit 2 ;;
 esac
 

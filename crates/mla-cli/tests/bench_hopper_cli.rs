@@ -2,6 +2,8 @@
 //! their upstream anchors without opening a device), bad options are one-line errors, and the benchmark itself
 //! fails with the backend's one-line reason and exit status 2. On a machine where the Hopper backend opens, the
 //! no-GPU check is skipped (the other checks never touch the device).
+// The GPU benchmark is built with the `cuda` feature only.
+#![cfg(feature = "cuda")]
 
 use std::process::{Command, Output};
 
