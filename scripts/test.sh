@@ -3,7 +3,8 @@
 #
 #   1. the pinned CUDA compiler (pip wheels, project-local .cuda/) so the sm_90a kernels are compiled on every run
 #   2. cargo fmt --check, clippy with warnings denied, cargo test over the whole workspace
-#   3. the Python package's tests (pytest, in a project-local virtualenv), when the package is present
+#   3. the installed C library as engines consume it (pkg-config and CMake), scripts/test-c-consumers.sh
+#   4. the Python package's tests (pytest, in a project-local virtualenv), when the package is present
 #
 # GPU tests skip with a printed reason on machines without a GPU (set FLASHMLA_REQUIRE_GPU=1 to make them fail).
 set -euo pipefail
@@ -28,6 +29,9 @@ if ! grep -q "hopper  available" <<<"$info"; then
     echo "GPU tests (crates/mla-hopper/tests/gpu.rs, crates/mla-ffi/tests/gpu_abi.rs) skipped: no usable Hopper GPU" \
         "here (FLASHMLA_REQUIRE_GPU=1 makes that a failure; docs/gpu.md runs them on an H100)"
 fi
+
+echo "== C library install and consumers"
+bash scripts/test-c-consumers.sh
 
 if [ -f scripts/test-python.sh ]; then
     echo "== python tests"

@@ -8,7 +8,7 @@
 //! | [`Rng`] | SplitMix64, seeded: every case is reproducible from its seed |
 //! | [`Case`] / [`Problem`] | a problem description and its generated host data |
 //! | [`run_host`] | `get_mla_metadata` + `workspace_size` + `decode` on a host backend |
-//! | [`reference`] | naive float64 attention from the definition (no online softmax, no splits) |
+//! | [`reference()`] | naive float64 attention from the definition (no online softmax, no splits) |
 //! | [`check_close`] | anomaly positions equal, elementwise abs-or-rel, `cos_diff` (notes §5.2) |
 
 use half::slice::HalfBitsSliceExt;

@@ -51,7 +51,9 @@ fn main() {
     }
     let manifest = PathBuf::from(env::var("CARGO_MANIFEST_DIR").expect("CARGO_MANIFEST_DIR"));
     let workspace = manifest.join("../..");
-    let kernel_dir = workspace.join("kernels");
+    // `kernels/` is a symlink to the repository's `kernels/`, which `cargo package` follows, copying the sources
+    // into the package: the same path works in the repository and in a registry build.
+    let kernel_dir = manifest.join("kernels");
     for f in KERNELS.iter().map(|k| format!("{k}.cu")).chain(HEADERS.iter().map(|h| h.to_string())) {
         println!("cargo::rerun-if-changed={}", kernel_dir.join(f).display());
     }

@@ -1,113 +1,147 @@
-//! Upstream FlashMLA's H100 figures, the anchors of `flashmla bench --backend hopper`: measured on this
-//! workplace's H100 with upstream's own test script (`shared/docs/anchors-h100.md` / `anchors-h100.json`: b = 128,
-//! h_kv = 1, page size 64, `triton.testing.do_bench` around the whole call). BF16 = the 2025-04 kernel, causal;
-//! E4M3 = FP8 pull request #54, non-causal. FP16 has no upstream figure and is compared with BF16's.
+//! Upstream FlashMLA's own figures, the anchors of `flashmla bench --backend hopper`: measured on this workplace's
+//! H100 and H200 with upstream's test scripts (`anchors/anchors-h100.md`, `anchors/anchors-h200.md` in this crate
+//! say how; the `.json` beside each is the table, embedded here at compile time so the binary carries it).
+//!
+//! The bench compares with the figures of the device it runs on: H200 on an H200, H100 on an H100 or H800 (same
+//! SMs and clocks), and H100's, said so, on any other device. Per dtype, the anchor rows fix the causality upstream
+//! ran (H100: BF16 causal, E4M3 non-causal; H200: every dtype causal); FP16 without rows of its own is compared
+//! with BF16's. The H100 file's rows of upstream's first (2025-02) kernel are superseded and left out.
 
 use mla_core::DType;
+use serde::Deserialize;
 
-/// Batch size of every anchor.
+/// Batch size of every anchor row.
 pub const ANCHOR_BATCH: usize = 128;
 
-/// `(dtype, s_k, h_q, s_q, varlen, ms)`; `dtype` is `bf16` (causal) or `e4m3` (non-causal).
-pub const ANCHORS: &[(&str, usize, usize, usize, bool, f64)] = &[
-    ("bf16", 4096, 16, 1, false, 0.229),
-    ("bf16", 4096, 16, 2, false, 0.229),
-    ("bf16", 4096, 32, 1, false, 0.229),
-    ("bf16", 4096, 32, 2, false, 0.232),
-    ("bf16", 4096, 64, 1, false, 0.232),
-    ("bf16", 4096, 64, 2, false, 0.261),
-    ("bf16", 4096, 128, 1, false, 0.264),
-    ("bf16", 4096, 128, 2, false, 0.471),
-    ("bf16", 8192, 16, 1, false, 0.433),
-    ("bf16", 8192, 16, 2, false, 0.434),
-    ("bf16", 8192, 32, 1, false, 0.434),
-    ("bf16", 8192, 32, 2, false, 0.436),
-    ("bf16", 8192, 64, 1, false, 0.436),
-    ("bf16", 8192, 64, 2, false, 0.533),
-    ("bf16", 8192, 128, 1, false, 0.531),
-    ("bf16", 8192, 128, 2, false, 0.936),
-    ("bf16", 16384, 16, 1, false, 0.833),
-    ("bf16", 16384, 16, 2, false, 0.838),
-    ("bf16", 16384, 32, 1, false, 0.841),
-    ("bf16", 16384, 32, 2, false, 0.862),
-    ("bf16", 16384, 64, 1, false, 0.862),
-    ("bf16", 16384, 64, 2, false, 1.027),
-    ("bf16", 16384, 128, 1, false, 1.014),
-    ("bf16", 16384, 128, 2, false, 1.842),
-    ("bf16", 4096, 16, 1, true, 0.240),
-    ("bf16", 4096, 16, 2, true, 0.249),
-    ("bf16", 4096, 32, 1, true, 0.254),
-    ("bf16", 4096, 32, 2, true, 0.253),
-    ("bf16", 4096, 64, 1, true, 0.250),
-    ("bf16", 4096, 64, 2, true, 0.298),
-    ("bf16", 4096, 128, 1, true, 0.299),
-    ("bf16", 4096, 128, 2, true, 0.495),
-    ("bf16", 8192, 16, 1, true, 0.442),
-    ("bf16", 8192, 16, 2, true, 0.476),
-    ("bf16", 8192, 32, 1, true, 0.428),
-    ("bf16", 8192, 32, 2, true, 0.441),
-    ("bf16", 8192, 64, 1, true, 0.444),
-    ("bf16", 8192, 64, 2, true, 0.555),
-    ("bf16", 8192, 128, 1, true, 0.571),
-    ("bf16", 8192, 128, 2, true, 0.897),
-    ("bf16", 16384, 16, 1, true, 0.828),
-    ("bf16", 16384, 16, 2, true, 0.901),
-    ("bf16", 16384, 32, 1, true, 0.915),
-    ("bf16", 16384, 32, 2, true, 0.880),
-    ("bf16", 16384, 64, 1, true, 0.857),
-    ("bf16", 16384, 64, 2, true, 0.990),
-    ("bf16", 16384, 128, 1, true, 0.955),
-    ("bf16", 16384, 128, 2, true, 1.800),
-    ("e4m3", 4096, 16, 1, false, 0.129),
-    ("e4m3", 4096, 16, 2, false, 0.131),
-    ("e4m3", 4096, 32, 1, false, 0.131),
-    ("e4m3", 4096, 32, 2, false, 0.135),
-    ("e4m3", 4096, 64, 1, false, 0.135),
-    ("e4m3", 4096, 64, 2, false, 0.228),
-    ("e4m3", 4096, 128, 1, false, 0.228),
-    ("e4m3", 4096, 128, 2, false, 0.430),
-    ("e4m3", 8192, 16, 1, false, 0.233),
-    ("e4m3", 8192, 16, 2, false, 0.234),
-    ("e4m3", 8192, 32, 1, false, 0.234),
-    ("e4m3", 8192, 32, 2, false, 0.239),
-    ("e4m3", 8192, 64, 1, false, 0.239),
-    ("e4m3", 8192, 64, 2, false, 0.430),
-    ("e4m3", 8192, 128, 1, false, 0.428),
-    ("e4m3", 8192, 128, 2, false, 0.825),
-    ("e4m3", 4096, 16, 1, true, 0.142),
-    ("e4m3", 4096, 16, 2, true, 0.150),
-    ("e4m3", 4096, 32, 1, true, 0.154),
-    ("e4m3", 4096, 32, 2, true, 0.157),
-    ("e4m3", 4096, 64, 1, true, 0.156),
-    ("e4m3", 4096, 64, 2, true, 0.247),
-    ("e4m3", 4096, 128, 1, true, 0.244),
-    ("e4m3", 4096, 128, 2, true, 0.447),
-    ("e4m3", 8192, 16, 1, true, 0.247),
-    ("e4m3", 8192, 16, 2, true, 0.268),
-    ("e4m3", 8192, 32, 1, true, 0.245),
-    ("e4m3", 8192, 32, 2, true, 0.258),
-    ("e4m3", 8192, 64, 1, true, 0.262),
-    ("e4m3", 8192, 64, 2, true, 0.451),
-    ("e4m3", 8192, 128, 1, true, 0.463),
-    ("e4m3", 8192, 128, 2, true, 0.812),
-];
+/// Kernel names containing this are upstream's superseded first kernel (H100 file), not an anchor.
+const SUPERSEDED_KERNEL: &str = "first kernel";
 
-/// Upstream's time in ms for this configuration, if it measured it (b = 128, h_kv = 1; BF16 and FP16 causal, E4M3
-/// non-causal, as upstream ran them).
-pub fn anchor(
-    dtype: DType,
-    batch: usize,
+/// Which device's figures.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Which {
+    /// `anchors-h100.json`.
+    H100,
+    /// `anchors-h200.json`.
+    H200,
+}
+
+impl Which {
+    /// `h100` / `h200` (the `--anchors` values).
+    pub fn parse(s: &str) -> Option<Which> {
+        match s {
+            "h100" => Some(Which::H100),
+            "h200" => Some(Which::H200),
+            _ => None,
+        }
+    }
+
+    /// The figures for a device name, and whether they were measured on that kind of device.
+    pub fn for_device(device_name: &str) -> (Which, bool) {
+        let n = device_name.to_ascii_uppercase();
+        if n.contains("H200") { (Which::H200, true) } else { (Which::H100, n.contains("H100") || n.contains("H800")) }
+    }
+
+    fn file(self) -> (&'static str, &'static str) {
+        match self {
+            Which::H100 => ("anchors-h100.json", include_str!("../anchors/anchors-h100.json")),
+            Which::H200 => ("anchors-h200.json", include_str!("../anchors/anchors-h200.json")),
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+struct AnchorFile {
+    device: String,
+    date: String,
+    ceilings: FileCeilings,
+    rows: Vec<AnchorRow>,
+}
+
+#[derive(Debug, Deserialize)]
+struct FileCeilings {
+    copy_gbps: f64,
+}
+
+/// One configuration upstream measured.
+#[derive(Clone, Debug, Deserialize)]
+pub struct AnchorRow {
+    dtype: String,
+    kernel: String,
+    causal: bool,
+    b: usize,
     s_k: usize,
     h_q: usize,
+    h_kv: usize,
     s_q: usize,
     varlen: bool,
-    causal: bool,
-) -> Option<f64> {
-    let (key, anchor_causal) = if dtype == DType::E4M3 { ("e4m3", false) } else { ("bf16", true) };
-    if batch != ANCHOR_BATCH || causal != anchor_causal {
-        return None;
+    ms: f64,
+}
+
+/// The figures of one device.
+#[derive(Clone, Debug)]
+pub struct AnchorSet {
+    /// The file's name (`anchors-h200.json`).
+    pub file: &'static str,
+    /// The device upstream ran on, as the file says.
+    pub device: String,
+    /// The date of the measurements.
+    pub date: String,
+    /// The device's copy bandwidth measured with them, GB/s.
+    pub copy_gbs: f64,
+    rows: Vec<AnchorRow>,
+}
+
+impl AnchorSet {
+    /// Loads the embedded figures of `which`.
+    pub fn load(which: Which) -> AnchorSet {
+        let (file, text) = which.file();
+        // The files are part of this crate's source; the unit tests parse both.
+        let f: AnchorFile = serde_json::from_str(text).unwrap_or_else(|e| panic!("{file} is malformed: {e}"));
+        AnchorSet {
+            file,
+            device: f.device,
+            date: f.date,
+            copy_gbs: f.ceilings.copy_gbps,
+            rows: f.rows.into_iter().filter(|r| !r.kernel.contains(SUPERSEDED_KERNEL)).collect(),
+        }
     }
-    ANCHORS.iter().find(|a| a.0 == key && a.1 == s_k && a.2 == h_q && a.3 == s_q && a.4 == varlen).map(|a| a.5)
+
+    /// The rows of `dtype`: its own, or BF16's for FP16 without figures of its own.
+    fn rows_of(&self, dtype: DType) -> impl Iterator<Item = &AnchorRow> {
+        let own = self.rows.iter().any(|r| r.dtype == dtype.name());
+        let key = if own || dtype != DType::F16 { dtype.name() } else { DType::Bf16.name() };
+        self.rows.iter().filter(move |r| r.dtype == key)
+    }
+
+    /// Whether upstream ran `dtype` causal (the bench's default for that dtype), if it ran it at all.
+    pub fn causal(&self, dtype: DType) -> Option<bool> {
+        self.rows_of(dtype).next().map(|r| r.causal)
+    }
+
+    /// Upstream's time in ms for this configuration, if it measured it (h_kv = 1).
+    #[allow(clippy::too_many_arguments)]
+    pub fn anchor(
+        &self,
+        dtype: DType,
+        batch: usize,
+        s_k: usize,
+        h_q: usize,
+        s_q: usize,
+        varlen: bool,
+        causal: bool,
+    ) -> Option<f64> {
+        self.rows_of(dtype)
+            .find(|r| {
+                (r.b, r.s_k, r.h_q, r.h_kv, r.s_q, r.varlen, r.causal) == (batch, s_k, h_q, 1, s_q, varlen, causal)
+            })
+            .map(|r| r.ms)
+    }
+
+    /// How many anchor rows there are for `dtype`.
+    #[cfg(test)]
+    fn count(&self, dtype: DType) -> usize {
+        self.rows_of(dtype).count()
+    }
 }
 
 #[cfg(test)]
@@ -115,60 +149,52 @@ mod tests {
     use super::*;
 
     #[test]
-    fn lookups() {
-        assert_eq!(anchor(DType::Bf16, 128, 4096, 16, 1, false, true), Some(0.229));
-        assert_eq!(anchor(DType::F16, 128, 16384, 128, 2, true, true), Some(1.800));
-        assert_eq!(anchor(DType::E4M3, 128, 8192, 128, 2, false, false), Some(0.825));
-        assert_eq!(anchor(DType::E4M3, 128, 16384, 16, 1, false, false), None, "upstream ran FP8 up to 8192");
-        assert_eq!(anchor(DType::Bf16, 64, 4096, 16, 1, false, true), None, "other batch");
-        assert_eq!(anchor(DType::Bf16, 128, 4096, 16, 1, false, false), None, "non-causal BF16");
-        assert_eq!(ANCHORS.len(), 48 + 32);
+    fn h100_lookups() {
+        let a = AnchorSet::load(Which::H100);
+        assert_eq!(a.copy_gbs, 3021.0);
+        assert_eq!(a.anchor(DType::Bf16, 128, 4096, 16, 1, false, true), Some(0.229));
+        assert_eq!(a.anchor(DType::F16, 128, 16384, 128, 2, true, true), Some(1.800), "FP16 uses BF16's");
+        assert_eq!(a.anchor(DType::E4M3, 128, 8192, 128, 2, false, false), Some(0.825));
+        assert_eq!(a.anchor(DType::E4M3, 128, 16384, 16, 1, false, false), None, "upstream ran FP8 up to 8192");
+        assert_eq!(a.anchor(DType::Bf16, 64, 4096, 16, 1, false, true), None, "other batch");
+        assert_eq!(a.anchor(DType::Bf16, 128, 4096, 16, 1, false, false), None, "the first kernel is left out");
+        assert_eq!(
+            (a.causal(DType::Bf16), a.causal(DType::F16), a.causal(DType::E4M3)),
+            (Some(true), Some(true), Some(false))
+        );
+        assert_eq!((a.count(DType::Bf16), a.count(DType::E4M3)), (48, 32));
     }
 
-    /// The table above is `anchors-h100.json`'s (when the shared docs sit next to the repository).
     #[test]
-    fn table_matches_the_shared_json() {
-        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../../../shared/docs/anchors-h100.json");
-        let Ok(text) = std::fs::read_to_string(path) else {
-            eprintln!("skipped: {path} not found");
-            return;
-        };
-        // The file is pretty-printed, one `"key": value` per line; a row ends with `}`.
-        let mut row: Vec<(String, String)> = Vec::new();
-        let mut found = Vec::new();
-        for line in text.lines().map(str::trim) {
-            if let Some((k, v)) = line.split_once(':') {
-                row.push((
-                    k.trim().trim_matches('"').to_string(),
-                    v.trim().trim_end_matches(',').trim_matches('"').to_string(),
-                ));
-            } else if line.starts_with('}') {
-                let get = |k: &str| row.iter().find(|(key, _)| key == k).map(|(_, v)| v.as_str());
-                if let (Some(dt), Some(causal), Some(ms)) = (get("dtype"), get("causal"), get("ms")) {
-                    let num = |k: &str| get(k).and_then(|v| v.parse::<usize>().ok()).unwrap();
-                    let want_causal = dt == "bf16";
-                    let kernel = get("kernel").unwrap_or("");
-                    if (dt == "bf16" || dt == "e4m3") && (causal == "true") == want_causal && !kernel.contains("first")
-                    {
-                        assert_eq!(num("b"), ANCHOR_BATCH);
-                        assert_eq!(num("h_kv"), 1);
-                        found.push((
-                            dt.to_string(),
-                            num("s_k"),
-                            num("h_q"),
-                            num("s_q"),
-                            get("varlen") == Some("true"),
-                            ms.parse::<f64>().unwrap(),
-                        ));
-                    }
-                }
-                row.clear();
-            }
-        }
-        assert_eq!(found.len(), ANCHORS.len(), "{found:?}");
-        for (dt, s_k, h_q, s_q, varlen, ms) in found {
-            let ours = ANCHORS.iter().find(|a| a.0 == dt && a.1 == s_k && a.2 == h_q && a.3 == s_q && a.4 == varlen);
-            assert_eq!(ours.map(|a| a.5), Some(ms), "{dt} {s_k} {h_q} {s_q} varlen={varlen}");
+    fn h200_lookups() {
+        let a = AnchorSet::load(Which::H200);
+        assert_eq!(a.copy_gbs, 4247.0);
+        assert!(a.device.contains("H200"), "{}", a.device);
+        assert_eq!(a.anchor(DType::Bf16, 128, 4096, 16, 1, false, true), Some(0.168));
+        assert_eq!((a.causal(DType::F16), a.causal(DType::E4M3)), (Some(true), Some(true)));
+        assert!(a.anchor(DType::E4M3, 128, 16384, 16, 1, false, true).is_some(), "PR #122 ran FP8 to 16384");
+        assert_eq!((a.count(DType::Bf16), a.count(DType::F16), a.count(DType::E4M3)), (48, 48, 48));
+    }
+
+    #[test]
+    fn the_device_picks_the_figures() {
+        assert_eq!(Which::for_device("NVIDIA H200"), (Which::H200, true));
+        assert_eq!(Which::for_device("NVIDIA H100 80GB HBM3"), (Which::H100, true));
+        assert_eq!(Which::for_device("NVIDIA H800"), (Which::H100, true));
+        assert_eq!(Which::for_device("cpu (2 threads)"), (Which::H100, false));
+    }
+
+    /// The embedded tables are the shared docs' (when those sit next to the repository).
+    #[test]
+    fn tables_match_the_shared_json() {
+        for name in ["anchors-h100.json", "anchors-h200.json"] {
+            let path = format!("{}/../../../shared/docs/{name}", env!("CARGO_MANIFEST_DIR"));
+            let Ok(shared) = std::fs::read_to_string(&path) else {
+                eprintln!("skipped: {path} not found");
+                continue;
+            };
+            let ours = std::fs::read_to_string(format!("{}/anchors/{name}", env!("CARGO_MANIFEST_DIR"))).unwrap();
+            assert_eq!(ours, shared, "{name}: copy the shared file into crates/mla-cli/anchors/");
         }
     }
 }

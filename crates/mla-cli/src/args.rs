@@ -1,127 +1,379 @@
-//! A small command-line parser: `--name value`, `--name=value` and boolean `--flag`.
+//! The command line, declared with clap's derive API: one struct per subcommand, help for each
+//! (`flashmla <command> --help`), `-V/--version`, suggestions for misspelt commands and options.
 //!
-//! Every error is one line naming the argument; nothing panics. Flags that were given but never read by the
-//! command are reported by [`Args::finish`], so a typo is an error rather than silently ignored.
+//! Errors stay one line on stderr, naming the argument ([`one_line`] condenses clap's multi-line reports), with
+//! exit status 2. Checks that span several options (exclusive pairs with custom wording, options that apply to one
+//! backend only) are made by each command, with the same one-line errors.
 
-use std::cell::RefCell;
-use std::collections::BTreeSet;
-use std::fmt;
-use std::str::FromStr;
+use std::path::PathBuf;
 
-/// A command-line error: printed as one line, exit status 2.
-#[derive(Debug)]
-pub struct CliError(pub String);
+use clap::error::{ContextKind, ContextValue, ErrorKind};
+use clap::{Args, Parser, Subcommand};
+use mla_core::DType;
 
-impl fmt::Display for CliError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.0)
-    }
-}
-
-impl From<mla_core::Error> for CliError {
-    fn from(e: mla_core::Error) -> Self {
-        CliError(e.to_string())
-    }
+/// Every failure of a command: printed as one line, exit status 2.
+#[derive(Debug, thiserror::Error)]
+pub enum CliError {
+    /// A bad argument or input file, said in one line naming it.
+    #[error("{0}")]
+    Message(String),
+    /// A rejected call of the library (its messages name the argument, the expected and the actual value).
+    #[error(transparent)]
+    Core(#[from] mla_core::Error),
 }
 
 /// Shorthand for a failed command.
 pub type CliResult<T = ()> = Result<T, CliError>;
 
-/// Builds a [`CliError`] from format arguments.
+/// Builds a [`CliError::Message`] from format arguments.
 #[macro_export]
 macro_rules! cli_err {
-    ($($t:tt)*) => { $crate::args::CliError(format!($($t)*)) };
+    ($($t:tt)*) => { $crate::args::CliError::Message(format!($($t)*)) };
 }
 
-/// Parsed `--name [value]` pairs of one subcommand.
-#[derive(Debug)]
-pub struct Args {
-    pairs: Vec<(String, Option<String>)>,
-    used: RefCell<BTreeSet<String>>,
+/// SM count used when `--num-sms` is not given: an H100 SXM.
+pub const DEFAULT_NUM_SMS: usize = 132;
+
+/// `flashmla`: multi-head latent attention (MLA) decoding, from the command line.
+#[derive(Debug, Parser)]
+#[command(name = "flashmla", version, propagate_version = true, arg_required_else_help = true)]
+pub struct Cli {
+    /// The command to run.
+    #[command(subcommand)]
+    pub command: Command,
 }
 
-impl Args {
-    /// Parses the arguments after the subcommand name. `booleans` lists the flags that take no value; those in
-    /// `optional` take a value only when the next argument is not an option (`--varlen`, `--varlen fixed,varlen`).
-    pub fn parse(raw: &[String], booleans: &[&str], optional: &[&str]) -> CliResult<Args> {
-        let mut pairs = Vec::new();
-        let mut it = raw.iter().peekable();
-        while let Some(a) = it.next() {
-            let Some(body) = a.strip_prefix("--") else {
-                return Err(cli_err!("unexpected argument `{a}` (options start with --)"));
+/// The subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Backends usable on this machine, and why the others are not.
+    Info(InfoArgs),
+    /// The split-KV scheduler's metadata for given sequence lengths.
+    Plan(PlanArgs),
+    /// One decode step, `.npy` files in and out.
+    Decode(DecodeArgs),
+    /// A random engine-like decode step on the best backend: timed, and checked against the CPU reference.
+    Demo(DemoArgs),
+    /// Upstream's benchmark grid with this machine's measured ceilings (`--backend hopper`: upstream's GPU benchmark).
+    Bench(Box<BenchArgs>),
+}
+
+impl Command {
+    /// The subcommand's name, as typed.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Command::Info(_) => "info",
+            Command::Plan(_) => "plan",
+            Command::Decode(_) => "decode",
+            Command::Demo(_) => "demo",
+            Command::Bench(_) => "bench",
+        }
+    }
+}
+
+/// Every subcommand name (the error prefix names the subcommand when the command line starts with one).
+pub const COMMANDS: [&str; 5] = ["info", "plan", "decode", "demo", "bench"];
+
+/// `--dtype` values: bf16, fp16 or e4m3 (and their NumPy/PyTorch spellings).
+fn dtype_arg(s: &str) -> Result<DType, String> {
+    DType::parse(s).ok_or_else(|| "expected bf16, fp16 or e4m3".to_string())
+}
+
+/// `--backend` values.
+const BACKENDS: [&str; 3] = flashmla::BACKEND_NAMES;
+
+/// `flashmla info`.
+#[derive(Debug, Args)]
+#[command(args_override_self = true)]
+pub struct InfoArgs {
+    /// CUDA device ordinal for GPU backends.
+    #[arg(long, default_value_t = 0, value_name = "N")]
+    pub device: i32,
+}
+
+/// `flashmla plan`.
+#[derive(Debug, Args)]
+#[command(args_override_self = true)]
+pub struct PlanArgs {
+    /// Cache lengths of the batch, comma-separated.
+    #[arg(long, value_delimiter = ',', value_name = "L,L,...", allow_negative_numbers = true)]
+    pub seqlens: Option<Vec<i32>>,
+    /// Cache lengths from a 1-D int32 or int64 `.npy` file (instead of --seqlens).
+    #[arg(long, value_name = "F.npy")]
+    pub seqlens_file: Option<PathBuf>,
+    /// Query tokens per request (MTP).
+    #[arg(long, default_value_t = 1)]
+    pub s_q: usize,
+    /// Query heads.
+    #[arg(long, default_value_t = 128)]
+    pub h_q: usize,
+    /// KV heads (must divide --h-q).
+    #[arg(long, default_value_t = 1)]
+    pub h_kv: usize,
+    /// SM count of the device the plan is for.
+    #[arg(long, default_value_t = DEFAULT_NUM_SMS)]
+    pub num_sms: usize,
+    /// Print the metadata as one line of JSON instead of a table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// `flashmla decode`.
+#[derive(Debug, Args)]
+#[command(
+    args_override_self = true,
+    after_help = "Inputs q and kv-cache: float32, float16 or float64 arrays (rounded to --dtype), or raw elements \
+                  already in --dtype (2-byte '<V2'/'<u2' for bf16 and fp16, e.g. ml_dtypes.bfloat16 arrays; \
+                  1-byte '|V1'/'|u1' e4m3 codes, e.g. ml_dtypes.float8_e4m3fn). Block table and lengths: int32 or \
+                  int64. Outputs: float32 out [b, s_q, h_q, 512] and lse [b, h_q, s_q]."
+)]
+pub struct DecodeArgs {
+    /// Queries `[b, s_q, h_q, 576]`.
+    #[arg(long, value_name = "Q.npy")]
+    pub q: PathBuf,
+    /// Paged KV cache `[num_blocks, page_size, h_kv, 576]`.
+    #[arg(long, value_name = "KV.npy")]
+    pub kv_cache: PathBuf,
+    /// Page ids of each request `[b, max_blocks_per_seq]`.
+    #[arg(long, value_name = "BT.npy")]
+    pub block_table: PathBuf,
+    /// Cache length of each request `[b]`.
+    #[arg(long, value_name = "SL.npy")]
+    pub seqlens: PathBuf,
+    /// Where to write the attention output.
+    #[arg(long, value_name = "OUT.npy")]
+    pub out: PathBuf,
+    /// Where to write the log-sum-exp.
+    #[arg(long, value_name = "LSE.npy")]
+    pub lse: PathBuf,
+    /// Backend to run on.
+    #[arg(long, default_value = "auto", value_parser = BACKENDS)]
+    pub backend: String,
+    /// CUDA device ordinal for GPU backends.
+    #[arg(long, default_value_t = 0, value_name = "N")]
+    pub device: i32,
+    /// Element type of q and the KV cache.
+    #[arg(long, default_value = "bf16", value_parser = dtype_arg)]
+    pub dtype: DType,
+    /// Causal mask over the s_q query tokens.
+    #[arg(long)]
+    pub causal: bool,
+    /// Softmax scale (default 1/sqrt(576)).
+    #[arg(long, value_name = "X")]
+    pub softmax_scale: Option<f32>,
+    /// Per-tensor descale of q (e4m3 only): stored codes are e4m3(x / X).
+    #[arg(long, value_name = "X")]
+    pub descale_q: Option<f32>,
+    /// Per-tensor descale of the KV cache (e4m3 only).
+    #[arg(long, value_name = "X")]
+    pub descale_k: Option<f32>,
+}
+
+/// `flashmla demo`.
+#[derive(Debug, Args)]
+#[command(args_override_self = true)]
+pub struct DemoArgs {
+    /// Backend to run on (auto: hopper if it opens, else cpu).
+    #[arg(long, default_value = "auto", value_parser = BACKENDS)]
+    pub backend: String,
+    /// CUDA device ordinal for GPU backends.
+    #[arg(long, default_value_t = 0, value_name = "N")]
+    pub device: i32,
+    /// Element type of q and the KV cache.
+    #[arg(long, default_value = "bf16", value_parser = dtype_arg)]
+    pub dtype: DType,
+    /// Requests in the batch.
+    #[arg(long, default_value_t = 32)]
+    pub batch: usize,
+    /// Mean cache length.
+    #[arg(long, default_value_t = 2048)]
+    pub seqlen: usize,
+    /// Query tokens per request.
+    #[arg(long, default_value_t = 2)]
+    pub s_q: usize,
+    /// Query heads.
+    #[arg(long, default_value_t = 16)]
+    pub h_q: usize,
+    /// KV heads (must divide --h-q).
+    #[arg(long, default_value_t = 1)]
+    pub h_kv: usize,
+    /// Tokens per KV page.
+    #[arg(long, default_value_t = 64)]
+    pub page_size: usize,
+    /// Every request has exactly --seqlen tokens (default: random lengths around it).
+    #[arg(long)]
+    pub fixed_len: bool,
+    /// No causal mask.
+    #[arg(long)]
+    pub no_causal: bool,
+    /// Timed calls.
+    #[arg(long, default_value_t = 5)]
+    pub iters: usize,
+    /// Seed of the random problem.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Rows checked against float64 from the definition.
+    #[arg(long, default_value_t = 24)]
+    pub check_rows: usize,
+    /// Also write the inputs and outputs as `.npy` files to DIR, with the `decode` command that reproduces them.
+    #[arg(long, value_name = "DIR")]
+    pub save: Option<PathBuf>,
+}
+
+/// `flashmla bench`: one set of options for both benchmarks; each rejects the other's.
+#[derive(Debug, Args)]
+#[command(
+    args_override_self = true,
+    after_help = "CPU grid (--backend cpu, the default): time, GB/s and GFLOP/s next to the measured copy \
+                  bandwidth and FMA peak. --backend hopper: upstream's GPU benchmark (whole decode call timed with \
+                  CUDA events, median, input sets rotated past L2) against upstream's figures on the same kind of \
+                  device (H100 or H200). Progress ([k/N], elapsed, remaining) goes to stderr; tables to stdout."
+)]
+pub struct BenchArgs {
+    /// Backend to benchmark (auto: hopper if it opens, else cpu).
+    #[arg(long, default_value = "cpu", value_parser = BACKENDS)]
+    pub backend: String,
+    /// CUDA device ordinal (hopper).
+    #[arg(long, default_value_t = 0, value_name = "N")]
+    pub device: i32,
+    /// Worker threads (cpu).
+    #[arg(long, value_name = "N")]
+    pub threads: Option<usize>,
+    /// Configurations: cpu all|upstream|mem (default all); hopper upstream|small (default upstream).
+    #[arg(long, value_parser = ["all", "upstream", "mem", "small"])]
+    pub grid: Option<String>,
+    /// Element types, comma-separated (alias --dtypes).
+    #[arg(long, value_delimiter = ',', value_parser = dtype_arg, value_name = "bf16,fp16,e4m3")]
+    pub dtype: Option<Vec<DType>>,
+    /// Alias of --dtype (the former hopper-bench example's name).
+    #[arg(long, value_delimiter = ',', value_parser = dtype_arg, hide = true)]
+    pub dtypes: Option<Vec<DType>>,
+    /// Query heads, comma-separated (default 16,32,64,128; alias --hq).
+    #[arg(long, value_delimiter = ',', value_name = "H,...")]
+    pub h_q: Option<Vec<usize>>,
+    /// Alias of --h-q.
+    #[arg(long, value_delimiter = ',', hide = true)]
+    pub hq: Option<Vec<usize>>,
+    /// Query tokens per request, comma-separated (default 1,2; alias --sq).
+    #[arg(long, value_delimiter = ',', value_name = "S,...")]
+    pub s_q: Option<Vec<usize>>,
+    /// Alias of --s-q.
+    #[arg(long, value_delimiter = ',', hide = true)]
+    pub sq: Option<Vec<usize>>,
+    /// Requests per batch (cpu default 16, hopper 128).
+    #[arg(long)]
+    pub batch: Option<usize>,
+    /// Cache length: cpu one mean length; hopper a list, like --sk.
+    #[arg(long, value_delimiter = ',', value_name = "N")]
+    pub seqlen: Option<Vec<usize>>,
+    /// Cache lengths, comma-separated (hopper; default 4096,8192,16384).
+    #[arg(long, value_delimiter = ',', value_name = "N,...")]
+    pub sk: Option<Vec<usize>>,
+    /// Random lengths around the mean; hopper also takes a list of fixed,varlen.
+    #[arg(long, num_args = 0..=1, value_name = "fixed,varlen")]
+    pub varlen: Option<Option<String>>,
+    /// No causal mask (default: causal, as upstream ran each dtype).
+    #[arg(long)]
+    pub no_causal: bool,
+    /// Timed calls per configuration (cpu: at least; default cpu 3, hopper 30).
+    #[arg(long)]
+    pub iters: Option<usize>,
+    /// Least seconds of timed calls per configuration (cpu; default 0.3).
+    #[arg(long, value_name = "SECONDS")]
+    pub min_time: Option<f64>,
+    /// Input sets the launches rotate through, so no launch finds its cache in L2 (hopper; default 2).
+    #[arg(long)]
+    pub sets: Option<usize>,
+    /// Seed of the random inputs.
+    #[arg(long)]
+    pub seed: Option<u64>,
+    /// Wait for every launch instead of queueing them back to back (hopper).
+    #[arg(long)]
+    pub sync_each: bool,
+    /// Write every row, with the ceilings, as JSON.
+    #[arg(long, value_name = "FILE")]
+    pub json: Option<PathBuf>,
+    /// Skip measuring the ceilings.
+    #[arg(long)]
+    pub no_ceilings: bool,
+    /// List the configurations and their anchors without a device (hopper).
+    #[arg(long)]
+    pub dry_run: bool,
+    /// Upstream figures to compare with: h100 or h200 (hopper; default: the device's own, h100 for --dry-run).
+    #[arg(long, value_parser = ["h100", "h200"])]
+    pub anchors: Option<String>,
+    /// Draw the results as a roofline: achieved throughput per configuration against the ceilings and
+    /// upstream's figures (`.svg` or `.png`).
+    #[arg(long, value_name = "FILE")]
+    pub plot: Option<PathBuf>,
+    /// Plot a run saved with --json instead of running one (needs --plot).
+    #[arg(long, value_name = "FILE.json")]
+    pub from_json: Option<PathBuf>,
+}
+
+/// The text of a clap context value.
+fn context_text(v: Option<&ContextValue>) -> Option<String> {
+    match v? {
+        ContextValue::String(s) => Some(s.clone()),
+        ContextValue::Strings(v) => Some(v.join(", ")),
+        ContextValue::StyledStr(s) => Some(s.to_string()),
+        _ => None,
+    }
+}
+
+/// `--name <VALUE>` → `--name`.
+fn arg_name(s: &str) -> String {
+    s.split([' ', '=']).next().unwrap_or(s).to_string()
+}
+
+/// Condenses a clap error into one line naming the argument (clap's own report spans several lines: usage and a
+/// tip). Suggestions for misspelt options, commands and values are kept, as `(did you mean …?)`.
+pub fn one_line(e: &clap::Error) -> String {
+    let get = |k| context_text(e.get(k));
+    let arg = get(ContextKind::InvalidArg).map(|a| arg_name(&a)).unwrap_or_default();
+    let value = get(ContextKind::InvalidValue).unwrap_or_default();
+    let did_you_mean = |k| get(k).map(|s| format!(" (did you mean `{s}`?)")).unwrap_or_default();
+    match e.kind() {
+        ErrorKind::UnknownArgument if arg.starts_with('-') => {
+            format!("unknown option {arg}{}", did_you_mean(ContextKind::SuggestedArg))
+        }
+        ErrorKind::UnknownArgument => format!("unexpected argument `{arg}` (options start with --)"),
+        ErrorKind::InvalidSubcommand => {
+            let cmd = get(ContextKind::InvalidSubcommand).unwrap_or_default();
+            format!(
+                "unknown command `{cmd}`{}; commands: {}",
+                did_you_mean(ContextKind::SuggestedSubcommand),
+                COMMANDS.join(", ")
+            )
+        }
+        ErrorKind::InvalidValue if value.is_empty() => format!("{arg} needs a value"),
+        ErrorKind::InvalidValue => format!(
+            "{arg}: expected one of {}, got `{value}`{}",
+            get(ContextKind::ValidValue).unwrap_or_default(),
+            did_you_mean(ContextKind::SuggestedValue)
+        ),
+        ErrorKind::ValueValidation => {
+            let why = std::error::Error::source(e).map(|s| format!(": {s}")).unwrap_or_default();
+            format!("{arg}: invalid value `{value}`{why}")
+        }
+        ErrorKind::MissingRequiredArgument => {
+            let missing: Vec<String> = match e.get(ContextKind::InvalidArg) {
+                Some(ContextValue::Strings(v)) => v.iter().map(|a| arg_name(a)).collect(),
+                _ => vec![arg],
             };
-            if let Some((k, v)) = body.split_once('=') {
-                pairs.push((k.to_string(), Some(v.to_string())));
-            } else if optional.contains(&body) {
-                let v = it.next_if(|next| !next.starts_with("--")).cloned();
-                pairs.push((body.to_string(), v));
-            } else if booleans.contains(&body) {
-                pairs.push((body.to_string(), None));
-            } else {
-                let v = it.next().ok_or_else(|| cli_err!("--{body} needs a value"))?;
-                pairs.push((body.to_string(), Some(v.clone())));
+            match missing.as_slice() {
+                [one] => format!("{one} is required"),
+                many => format!("{} are required", many.join(", ")),
             }
         }
-        Ok(Args { pairs, used: RefCell::new(BTreeSet::new()) })
-    }
-
-    /// The value of `--name`, if given (the last one wins).
-    pub fn value(&self, name: &str) -> Option<&str> {
-        self.used.borrow_mut().insert(name.to_string());
-        self.pairs.iter().rev().find(|(k, _)| k == name).and_then(|(_, v)| v.as_deref())
-    }
-
-    /// Whether boolean `--name` was given.
-    pub fn flag(&self, name: &str) -> bool {
-        self.used.borrow_mut().insert(name.to_string());
-        self.pairs.iter().any(|(k, _)| k == name)
-    }
-
-    /// The value of `--name`, which must be present.
-    pub fn required(&self, name: &str) -> CliResult<&str> {
-        self.value(name).ok_or_else(|| cli_err!("--{name} is required"))
-    }
-
-    /// `--name` parsed as `T`, if present.
-    pub fn parsed<T: FromStr>(&self, name: &str) -> CliResult<Option<T>> {
-        match self.value(name) {
-            None => Ok(None),
-            Some(v) => v
-                .parse()
-                .map(Some)
-                .map_err(|_| cli_err!("--{name}: expected {}, got `{v}`", std::any::type_name::<T>())),
+        ErrorKind::ArgumentConflict => {
+            let prior = get(ContextKind::PriorArg).map(|a| arg_name(&a)).unwrap_or_default();
+            format!("{arg} and {prior} are exclusive; give one")
         }
-    }
-
-    /// `--name` parsed as `T`, or `default`.
-    pub fn parsed_or<T: FromStr>(&self, name: &str, default: T) -> CliResult<T> {
-        Ok(self.parsed(name)?.unwrap_or(default))
-    }
-
-    /// `--name` as a comma-separated list of `T`.
-    pub fn list<T: FromStr>(&self, name: &str) -> CliResult<Option<Vec<T>>> {
-        let Some(v) = self.value(name) else { return Ok(None) };
-        v.split(',')
-            .filter(|s| !s.trim().is_empty())
-            .map(|s| {
-                s.trim().parse().map_err(|_| cli_err!("--{name}: `{s}` is not a valid {}", std::any::type_name::<T>()))
-            })
-            .collect::<CliResult<Vec<T>>>()
-            .map(Some)
-    }
-
-    /// `--dtype` as an input dtype (`bf16`, `fp16`, `e4m3`), or `bf16` when absent.
-    pub fn dtype(&self) -> CliResult<mla_core::DType> {
-        let v = self.value("dtype").unwrap_or("bf16");
-        mla_core::DType::parse(v).ok_or_else(|| cli_err!("--dtype: expected bf16, fp16 or e4m3, got `{v}`"))
-    }
-
-    /// Fails on any option the command never looked at.
-    pub fn finish(&self) -> CliResult {
-        let used = self.used.borrow();
-        match self.pairs.iter().find(|(k, _)| !used.contains(k)) {
-            Some((k, _)) => Err(cli_err!("unknown option --{k}")),
-            None => Ok(()),
+        _ => {
+            let text = e.render().to_string();
+            let first = text.lines().next().unwrap_or("").trim();
+            first.strip_prefix("error: ").unwrap_or(first).to_string()
         }
     }
 }
@@ -130,38 +382,49 @@ impl Args {
 mod tests {
     use super::*;
 
-    fn args(s: &[&str], b: &[&str]) -> CliResult<Args> {
-        Args::parse(&s.iter().map(|x| x.to_string()).collect::<Vec<_>>(), b, &[])
+    fn parse(s: &[&str]) -> Result<Cli, String> {
+        Cli::try_parse_from(std::iter::once("flashmla").chain(s.iter().copied())).map_err(|e| one_line(&e))
+    }
+
+    #[test]
+    fn the_declaration_is_consistent() {
+        use clap::CommandFactory;
+        Cli::command().debug_assert();
+        let names: Vec<String> = Cli::command().get_subcommands().map(|c| c.get_name().to_string()).collect();
+        assert_eq!(names, COMMANDS);
     }
 
     #[test]
     fn parses_values_flags_and_lists() {
-        let a = args(&["--h-q", "128", "--json", "--seqlens=1,2,3"], &["json"]).unwrap();
-        assert_eq!(a.parsed::<usize>("h-q").unwrap(), Some(128));
-        assert!(a.flag("json"));
-        assert_eq!(a.list::<i32>("seqlens").unwrap(), Some(vec![1, 2, 3]));
-        a.finish().unwrap();
+        let Command::Plan(p) = parse(&["plan", "--h-q", "64", "--json", "--seqlens=1,2,3"]).unwrap().command else {
+            panic!("plan")
+        };
+        assert_eq!((p.h_q, p.json, p.seqlens), (64, true, Some(vec![1, 2, 3])));
+        // The last of a repeated option wins, as before clap.
+        let Command::Plan(p) = parse(&["plan", "--h-q", "64", "--h-q", "16"]).unwrap().command else { panic!() };
+        assert_eq!(p.h_q, 16);
+        let Command::Bench(b) = parse(&["bench", "--varlen", "fixed", "--sk", "1"]).unwrap().command else { panic!() };
+        assert_eq!((b.varlen, b.sk), (Some(Some("fixed".into())), Some(vec![1])));
+        let Command::Bench(b) = parse(&["bench", "--varlen", "--sk", "1"]).unwrap().command else { panic!() };
+        assert_eq!(b.varlen, Some(None));
     }
 
     #[test]
-    fn errors_name_the_argument() {
-        let a = args(&["--h-q", "x"], &[]).unwrap();
-        assert!(a.parsed::<usize>("h-q").unwrap_err().0.contains("--h-q"));
-        let a = args(&["--typo", "1"], &[]).unwrap();
-        assert!(a.finish().unwrap_err().0.contains("--typo"));
-        assert!(args(&["--h-q"], &[]).unwrap_err().0.contains("--h-q needs a value"));
-        assert!(args(&["plain"], &[]).is_err());
-    }
-
-    #[test]
-    fn optional_values() {
-        let raw = |s: &[&str]| s.iter().map(|x| x.to_string()).collect::<Vec<_>>();
-        let a = Args::parse(&raw(&["--varlen", "fixed", "--x", "1"]), &[], &["varlen"]).unwrap();
-        assert_eq!(a.value("varlen"), Some("fixed"));
-        assert_eq!(a.value("x"), Some("1"));
-        let a = Args::parse(&raw(&["--varlen", "--x", "1"]), &[], &["varlen"]).unwrap();
-        assert!(a.flag("varlen") && a.value("varlen").is_none());
-        let a = Args::parse(&raw(&["--varlen"]), &[], &["varlen"]).unwrap();
-        assert!(a.flag("varlen") && a.value("varlen").is_none());
+    fn errors_are_one_line_and_name_the_argument() {
+        let err = |s: &[&str]| parse(s).unwrap_err();
+        assert_eq!(err(&["plan", "--h-q", "x"]), "--h-q: invalid value `x`: invalid digit found in string");
+        assert_eq!(err(&["plan", "--h-q"]), "--h-q needs a value");
+        assert_eq!(err(&["plan", "--typo", "1"]), "unknown option --typo");
+        assert_eq!(err(&["plan", "--jsn"]), "unknown option --jsn (did you mean `--json`?)");
+        assert!(err(&["plna"]).starts_with("unknown command `plna` (did you mean `plan`?)"));
+        assert_eq!(err(&["plan", "plain"]), "unexpected argument `plain` (options start with --)");
+        assert_eq!(err(&["decode", "--dtype", "int8"]), "--dtype: invalid value `int8`: expected bf16, fp16 or e4m3");
+        assert!(
+            err(&["demo", "--backend", "tpu"]).starts_with("--backend: expected one of auto, cpu, hopper, got `tpu`")
+        );
+        assert_eq!(err(&["decode", "--q", "q.npy"]), "--kv-cache, --block-table, --seqlens, --out, --lse are required");
+        for e in [err(&["plan", "--h-q", "x"]), err(&["plan", "--jsn"]), err(&["decode"])] {
+            assert_eq!(e.lines().count(), 1, "{e}");
+        }
     }
 }

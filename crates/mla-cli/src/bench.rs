@@ -12,16 +12,21 @@
 //! measured once up front (about a second) and again, briefly, before every row: on a shared machine the load
 //! changes from one row to the next, and each row's percentages are against the ceilings measured next to it.
 
-use std::fmt::Write as _;
 use std::path::Path;
 
-use mla_core::{DType, MlaBackend};
+use mla_core::{DType, HEAD_DIM_K, HEAD_DIM_V, MlaBackend};
 use mla_cpu::problem::{HostProblem, RandomSpec};
 use mla_cpu::roofline::{self, Ceilings};
 use mla_cpu::{CpuBackend, CpuOptions};
+use serde::Serialize;
 
-use crate::args::{Args, CliResult};
+use crate::args::{BenchArgs, CliResult};
+use crate::plot::{self, Plot, Point};
+use crate::progress::Progress;
 use crate::{cli_err, exec};
+
+/// Options of the GPU benchmark, rejected here by name.
+const HOPPER_ONLY: [&str; 8] = ["sets", "sync-each", "dry-run", "anchors", "sk", "dtypes", "hq", "sq"];
 
 /// One configuration of the grid.
 #[derive(Clone, Debug)]
@@ -43,27 +48,48 @@ struct Row {
     gflops: f64,
 }
 
-fn grid(args: &Args) -> CliResult<Vec<Config>> {
-    let dtypes: Vec<DType> = match args.list::<String>("dtype")? {
-        None => DType::ALL.to_vec(),
-        Some(v) => v
-            .iter()
-            .map(|s| DType::parse(s).ok_or_else(|| cli_err!("--dtype: `{s}` is not bf16, fp16 or e4m3")))
-            .collect::<CliResult<_>>()?,
+/// FLOPs of a configuration at its mean length (upstream's formula, before the random lengths are drawn).
+fn nominal_flops(s: &RandomSpec) -> f64 {
+    2.0 * (s.batch * s.mean_seqlen * s.s_q * s.h_q) as f64 * (HEAD_DIM_K + HEAD_DIM_V) as f64
+}
+
+/// The hopper-only options that were given.
+fn hopper_only_given(a: &BenchArgs) -> Option<&'static str> {
+    let given = [
+        a.sets.is_some(),
+        a.sync_each,
+        a.dry_run,
+        a.anchors.is_some(),
+        a.sk.is_some(),
+        a.dtypes.is_some(),
+        a.hq.is_some(),
+        a.sq.is_some(),
+    ];
+    HOPPER_ONLY.iter().zip(given).find(|(_, g)| *g).map(|(n, _)| *n)
+}
+
+fn grid(args: &BenchArgs) -> CliResult<Vec<Config>> {
+    let dtypes: Vec<DType> = args.dtype.clone().unwrap_or_else(|| DType::ALL.to_vec());
+    let h_qs: Vec<usize> = args.h_q.clone().unwrap_or_else(|| vec![16, 32, 64, 128]);
+    let s_qs: Vec<usize> = args.s_q.clone().unwrap_or_else(|| vec![1, 2]);
+    let batch: usize = args.batch.unwrap_or(16);
+    let seqlen: Option<usize> = match args.seqlen.as_deref() {
+        None => None,
+        Some([one]) => Some(*one),
+        Some(v) => return Err(cli_err!("--seqlen: expected one mean length with --backend cpu, got {v:?}")),
     };
-    let h_qs: Vec<usize> = args.list("h-q")?.unwrap_or_else(|| vec![16, 32, 64, 128]);
-    let s_qs: Vec<usize> = args.list("s-q")?.unwrap_or_else(|| vec![1, 2]);
-    let batch: usize = args.parsed_or("batch", 16)?;
-    let seqlen: Option<usize> = args.parsed("seqlen")?;
-    if args.value("varlen").is_some() {
-        return Err(cli_err!("--varlen takes no value (a list of fixed,varlen is for --backend hopper)"));
-    }
-    let varlen = args.flag("varlen");
-    let causal = !args.flag("no-causal");
-    let which = args.value("grid").unwrap_or("all").to_string();
-    let seed: u64 = args.parsed_or("seed", 0)?;
-    if !matches!(which.as_str(), "all" | "upstream" | "mem") {
-        return Err(cli_err!("--grid: expected all, upstream or mem, got `{which}`"));
+    let varlen = match &args.varlen {
+        Some(Some(_)) => {
+            return Err(cli_err!("--varlen takes no value (a list of fixed,varlen is for --backend hopper)"));
+        }
+        Some(None) => true,
+        None => false,
+    };
+    let causal = !args.no_causal;
+    let which = args.grid.as_deref().unwrap_or("all");
+    let seed: u64 = args.seed.unwrap_or(0);
+    if !matches!(which, "all" | "upstream" | "mem") {
+        return Err(cli_err!("--grid: expected all, upstream or mem with --backend cpu, got `{which}`"));
     }
     if batch == 0 || h_qs.contains(&0) || s_qs.contains(&0) || seqlen == Some(0) {
         return Err(cli_err!("--batch, --h-q, --s-q and --seqlen take values >= 1"));
@@ -98,82 +124,135 @@ fn grid(args: &Args) -> CliResult<Vec<Config>> {
     Ok(out)
 }
 
-fn json_escape(s: &str) -> String {
-    s.replace('\\', "\\\\").replace('"', "\\\"")
+/// The run as `--json` writes it.
+#[derive(Serialize)]
+struct RunJson<'a> {
+    backend: &'a str,
+    device: &'a str,
+    ceilings: Option<CeilJson>,
+    results: Vec<RowJson>,
 }
 
-fn write_json(path: &str, device: &str, backend: &str, ceil: Option<Ceilings>, rows: &[Row]) -> CliResult {
-    let mut s = String::new();
-    let c = match ceil {
-        Some(c) => format!(
-            "{{\"copy_gbs\": {:.2}, \"fma_gflops\": {:.2}, \"threads\": {}}}",
-            c.copy_gbs, c.fma_gflops, c.threads
-        ),
-        None => "null".into(),
+#[derive(Serialize)]
+struct CeilJson {
+    copy_gbs: f64,
+    fma_gflops: f64,
+    threads: usize,
+}
+
+#[derive(Serialize)]
+struct RowJson {
+    grid: &'static str,
+    dtype: &'static str,
+    batch: usize,
+    s_q: usize,
+    h_q: usize,
+    h_kv: usize,
+    mean_seqlen: usize,
+    total_seqlen: u64,
+    varlen: bool,
+    causal: bool,
+    iters: usize,
+    median_ms: f64,
+    best_ms: f64,
+    gbs: f64,
+    gflops: f64,
+    copy_gbs: Option<f64>,
+    fma_gflops: Option<f64>,
+    pct_copy_bw: Option<f64>,
+    pct_fma_peak: Option<f64>,
+}
+
+/// `x` rounded to `digits` decimals (the figures are measurements: more digits are noise in the file).
+pub fn round(x: f64, digits: i32) -> f64 {
+    let p = 10f64.powi(digits);
+    (x * p).round() / p
+}
+
+fn write_json(path: &Path, device: &str, backend: &str, ceil: Option<Ceilings>, rows: &[Row]) -> CliResult {
+    let run = RunJson {
+        backend,
+        device,
+        ceilings: ceil.map(|c| CeilJson {
+            copy_gbs: round(c.copy_gbs, 2),
+            fma_gflops: round(c.fma_gflops, 2),
+            threads: c.threads,
+        }),
+        results: rows
+            .iter()
+            .map(|r| {
+                let sp = &r.cfg.spec;
+                let pct = |x: f64, of: Option<f64>| of.map(|o| round(100.0 * x / o, 1));
+                RowJson {
+                    grid: r.cfg.grid,
+                    dtype: sp.dtype.name(),
+                    batch: sp.batch,
+                    s_q: sp.s_q,
+                    h_q: sp.h_q,
+                    h_kv: sp.h_kv,
+                    mean_seqlen: sp.mean_seqlen,
+                    total_seqlen: r.total_seqlen,
+                    varlen: sp.varlen,
+                    causal: sp.causal,
+                    iters: r.iters,
+                    median_ms: round(r.median_s * 1e3, 4),
+                    best_ms: round(r.best_s * 1e3, 4),
+                    gbs: round(r.gbs, 2),
+                    gflops: round(r.gflops, 2),
+                    copy_gbs: r.ceil.map(|c| round(c.copy_gbs, 2)),
+                    fma_gflops: r.ceil.map(|c| round(c.fma_gflops, 2)),
+                    pct_copy_bw: pct(r.gbs, r.ceil.map(|c| c.copy_gbs)),
+                    pct_fma_peak: pct(r.gflops, r.ceil.map(|c| c.fma_gflops)),
+                }
+            })
+            .collect(),
     };
-    let _ = write!(
-        s,
-        "{{\n  \"backend\": \"{backend}\",\n  \"device\": \"{}\",\n  \"ceilings\": {c},\n  \"results\": [",
-        json_escape(device)
-    );
-    for (k, r) in rows.iter().enumerate() {
-        let sp = &r.cfg.spec;
-        let pct = |x: f64, of: Option<f64>| of.map_or("null".into(), |o| format!("{:.1}", 100.0 * x / o));
-        let num = |of: Option<f64>| of.map_or("null".into(), |o| format!("{o:.2}"));
-        let _ = write!(
-            s,
-            "{}\n    {{\"grid\": \"{}\", \"dtype\": \"{}\", \"batch\": {}, \"s_q\": {}, \"h_q\": {}, \"h_kv\": {}, \
-             \"mean_seqlen\": {}, \"total_seqlen\": {}, \"varlen\": {}, \"causal\": {}, \"iters\": {}, \
-             \"median_ms\": {:.4}, \"best_ms\": {:.4}, \"gbs\": {:.2}, \"gflops\": {:.2}, \"copy_gbs\": {}, \
-             \"fma_gflops\": {}, \"pct_copy_bw\": {}, \"pct_fma_peak\": {}}}",
-            if k == 0 { "" } else { "," },
-            r.cfg.grid,
-            sp.dtype,
-            sp.batch,
-            sp.s_q,
-            sp.h_q,
-            sp.h_kv,
-            sp.mean_seqlen,
-            r.total_seqlen,
-            sp.varlen,
-            sp.causal,
-            r.iters,
-            r.median_s * 1e3,
-            r.best_s * 1e3,
-            r.gbs,
-            r.gflops,
-            num(r.ceil.map(|c| c.copy_gbs)),
-            num(r.ceil.map(|c| c.fma_gflops)),
-            pct(r.gbs, r.ceil.map(|c| c.copy_gbs)),
-            pct(r.gflops, r.ceil.map(|c| c.fma_gflops)),
-        );
-    }
-    s.push_str("\n  ]\n}\n");
-    std::fs::write(path, s).map_err(|e| cli_err!("{path}: cannot write: {e}"))
+    save_json(path, &run)
 }
 
-/// Runs `flashmla bench`: `--backend hopper` (and `auto` where the Hopper backend opens) is
-/// [`crate::bench_hopper`], upstream's benchmark on the GPU; every other backend runs the grid above.
-pub fn run(args: &Args) -> CliResult {
-    let backend_name = args.value("backend").unwrap_or("cpu").to_string();
-    let ordinal: i32 = args.parsed_or("device", 0)?;
+/// Writes `value` as pretty-printed JSON.
+pub fn save_json(path: &Path, value: &impl Serialize) -> CliResult {
+    let text = serde_json::to_string_pretty(value).map_err(|e| cli_err!("--json {}: {e}", path.display()))?;
+    std::fs::write(path, text + "\n").map_err(|e| cli_err!("--json {}: cannot write: {e}", path.display()))
+}
+
+/// Runs `flashmla bench`: `--from-json` plots a saved run; `--backend hopper` (and `auto` where the Hopper
+/// backend opens) is [`crate::bench_hopper`], upstream's benchmark on the GPU; every other backend runs the grid
+/// above.
+pub fn run(args: &BenchArgs) -> CliResult {
+    if let Some(saved) = &args.from_json {
+        let Some(out) = &args.plot else {
+            return Err(cli_err!("--from-json needs --plot FILE (it draws a saved run, it does not run one)"));
+        };
+        plot::draw(&plot::from_saved(saved)?, out)?;
+        println!("wrote {}", out.display());
+        return Ok(());
+    }
+    let backend_name = args.backend.as_str();
+    let ordinal = args.device;
     if backend_name == "hopper"
         || (backend_name == "auto" && flashmla::open_backend("auto", ordinal).is_ok_and(|b| b.name() == "hopper"))
     {
+        #[cfg(feature = "cuda")]
         return crate::bench_hopper::run(args);
+        #[cfg(not(feature = "cuda"))]
+        return Err(cli_err!("--backend hopper: the GPU benchmark is not built (built without the `cuda` feature)"));
     }
-    let threads: Option<usize> = args.parsed("threads")?;
-    let min_iters: usize = args.parsed_or("iters", 3)?;
-    let min_time: f64 = args.parsed_or("min-time", 0.3)?;
-    let json: Option<String> = args.value("json").map(str::to_string);
-    let no_ceilings = args.flag("no-ceilings");
+    if let Some(name) = hopper_only_given(args) {
+        return Err(cli_err!("--{name} applies to --backend hopper only"));
+    }
+    let threads = args.threads;
+    let min_iters: usize = args.iters.unwrap_or(3);
+    let min_time: f64 = args.min_time.unwrap_or(0.3);
+    let no_ceilings = args.no_ceilings;
     let configs = grid(args)?;
-    args.finish()?;
     if threads == Some(0) {
         return Err(cli_err!("--threads: expected a value >= 1, got 0"));
     }
-
-    let backend: Box<dyn MlaBackend> = match (backend_name.as_str(), threads) {
+    if !(min_time.is_finite() && min_time >= 0.0) {
+        return Err(cli_err!("--min-time: expected seconds >= 0, got {min_time}"));
+    }
+    let backend: Box<dyn MlaBackend> = match (backend_name, threads) {
         ("cpu", t) => Box::new(CpuBackend::with_options(CpuOptions { threads: t, isa: None })?),
         (_, Some(_)) => return Err(cli_err!("--threads applies to --backend cpu only")),
         (name, None) => flashmla::open_backend(name, ordinal)?,
@@ -206,6 +285,12 @@ pub fn run(args: &Args) -> CliResult {
         "grid", "dtype", "h_q", "h_kv", "s_q", "b", "Σs_k", "ms", "GB/s", "GFLOP/s", "copy", "fma", "%copy", "%fma"
     );
     let mut rows = Vec::new();
+    // Each row's weight in the estimate of the time left: its FLOPs, plus one --min-time's worth of the mean so
+    // that small rows, which still time at least --min-time, are not counted as free.
+    let flops: Vec<f64> = configs.iter().map(|c| nominal_flops(&c.spec)).collect();
+    let floor = flops.iter().sum::<f64>() / flops.len().max(1) as f64 * min_time.min(1.0);
+    let costs = flops.iter().map(|f| f + floor).collect();
+    let mut progress = Progress::new(costs, false);
     for cfg in configs {
         let p = HostProblem::random(&cfg.spec);
         let local = ceil.map(|_| roofline::measure_quick(&cpu));
@@ -249,11 +334,31 @@ pub fn run(args: &Args) -> CliResult {
             row.gbs,
             row.gflops,
         );
+        progress.step(&format!("{} {} h_q={} s_q={}", row.cfg.grid, sp.dtype.name(), sp.h_q, sp.s_q));
         rows.push(row);
     }
-    if let Some(path) = json {
-        write_json(&path, &device, backend.name(), ceil, &rows)?;
-        println!("wrote {}", Path::new(&path).display());
+    if let Some(path) = &args.json {
+        write_json(path, &device, backend.name(), ceil, &rows)?;
+        println!("wrote {}", path.display());
+    }
+    if let Some(path) = &args.plot {
+        let plot = Plot {
+            title: format!("flashmla bench, {} on {device}", backend.name()),
+            copy_gbs: ceil.map(|c| c.copy_gbs),
+            peak_gflops: ceil.map(|c| c.fma_gflops),
+            anchor_label: plot::anchor_label(None),
+            points: rows
+                .iter()
+                .map(|r| Point {
+                    dtype: r.cfg.spec.dtype.name().into(),
+                    gflops: r.gflops,
+                    gbs: r.gbs,
+                    anchor_gflops: None,
+                })
+                .collect(),
+        };
+        plot::draw(&plot, path)?;
+        println!("wrote {}", path.display());
     }
     Ok(())
 }

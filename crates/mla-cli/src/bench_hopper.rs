@@ -1,5 +1,5 @@
 //! `flashmla bench --backend hopper`: upstream FlashMLA's decode benchmark on the Hopper kernels, against
-//! upstream's own figures on the same H100 ([`crate::anchors`]).
+//! upstream's own figures on the same kind of device (H100 or H200, [`crate::anchors`]; `--anchors` picks).
 //!
 //! | grid | configurations (per dtype) |
 //! |---|---|
@@ -15,8 +15,8 @@
 //! `triton.testing.do_bench`); `--sync-each` waits for every launch instead (the timing of the former
 //! `hopper-bench` example, which adds the host's time to enqueue each call).
 //!
-//! BF16/FP16 run causal (as upstream's BF16 figures), E4M3 non-causal (as upstream's FP8 figures); `--no-causal`
-//! makes every dtype non-causal. Varlen lengths are `max(N(s_k, s_k/2), 2)` from `--seed`. Inputs are a 16 MiB
+//! Each dtype runs causal or not as upstream's figures of that device did (H100: BF16/FP16 causal, E4M3
+//! non-causal; H200: all causal); `--no-causal` makes every dtype non-causal. Varlen lengths are `max(N(s_k, s_k/2), 2)` from `--seed`. Inputs are a 16 MiB
 //! random pattern tiled over caches and queries; block tables are random permutations of the pages.
 //!
 //! Formulas (upstream's): FLOPs = 2·s_q·Σs_k·h_q·(576+512); bytes = elt·(Σs_k·576 + b·s_q·h_q·576) + 2·b·s_q·h_q·512.
@@ -24,7 +24,7 @@
 //! read + write counted) is measured first in the same run.
 
 use std::ffi::c_void;
-use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use cudarc::driver::{CudaContext, CudaEvent, CudaSlice, CudaStream, DevicePtr, DeviceRepr, DriverError, sys};
@@ -34,9 +34,14 @@ use mla_core::{
     TensorDesc, Workspace,
 };
 
-use crate::anchors::{ANCHOR_BATCH, anchor};
-use crate::args::{Args, CliError, CliResult};
+use serde::Serialize;
+
+use crate::anchors::{ANCHOR_BATCH, AnchorSet, Which};
+use crate::args::{BenchArgs, CliError, CliResult};
+use crate::bench::{round, save_json};
 use crate::cli_err;
+use crate::plot::{self, Plot, Point};
+use crate::progress::Progress;
 
 /// Tokens per KV page (the Hopper kernels' only page size).
 const PAGE: usize = 64;
@@ -72,53 +77,52 @@ struct Options {
     sqs: Vec<usize>,
     /// `false` = fixed lengths, `true` = varlen.
     modes: Vec<bool>,
-    /// `None`: per dtype as upstream ran it (BF16/FP16 causal, E4M3 not); `Some(false)`: `--no-causal`.
+    /// `None`: per dtype as upstream ran it on the anchors' device; `Some(false)`: `--no-causal`.
     causal: Option<bool>,
+    /// `--anchors`, if given (else the device's own).
+    anchors: Option<Which>,
     iters: usize,
     sets: usize,
     sync_each: bool,
     seed: u64,
-    json: Option<String>,
+    json: Option<PathBuf>,
+    plot: Option<PathBuf>,
     ceilings: bool,
     dry_run: bool,
     ordinal: i32,
 }
 
 impl Options {
-    fn causal(&self, dtype: DType) -> bool {
-        self.causal.unwrap_or(dtype != DType::E4M3)
+    /// Whether `dtype` runs causal: as upstream ran it in `anchors`, unless `--no-causal`.
+    fn causal(&self, dtype: DType, anchors: &AnchorSet) -> bool {
+        self.causal.or(anchors.causal(dtype)).unwrap_or(dtype != DType::E4M3)
     }
 }
 
 /// A list option that has an alias (`--dtype` / `--dtypes`); at most one of the two may be given.
-fn list_opt<T: std::str::FromStr>(args: &Args, name: &str, alias: &str) -> CliResult<Option<Vec<T>>> {
-    match (args.list(name)?, args.list(alias)?) {
+fn list_opt<T: Clone>(name: &str, alias: &str, a: &Option<Vec<T>>, b: &Option<Vec<T>>) -> CliResult<Option<Vec<T>>> {
+    match (a, b) {
         (Some(_), Some(_)) => Err(cli_err!("give --{name} or --{alias}, not both")),
         (Some(v), None) | (None, Some(v)) if v.is_empty() => Err(cli_err!("--{name}: empty list")),
-        (a, b) => Ok(a.or(b)),
+        (a, b) => Ok(a.clone().or(b.clone())),
     }
 }
 
-fn parse(args: &Args) -> CliResult<Options> {
-    let grid = match args.value("grid").unwrap_or("upstream") {
+fn parse(args: &BenchArgs) -> CliResult<Options> {
+    let grid = match args.grid.as_deref().unwrap_or("upstream") {
         "upstream" => Grid::Upstream,
         "small" => Grid::Small,
         other => return Err(cli_err!("--grid: expected upstream or small with --backend hopper, got `{other}`")),
     };
-    let dtypes: Vec<DType> = match list_opt::<String>(args, "dtype", "dtypes")? {
-        None => DType::ALL.to_vec(),
-        Some(v) => v
-            .iter()
-            .map(|s| DType::parse(s).ok_or_else(|| cli_err!("--dtype: `{s}` is not bf16, fp16 or e4m3")))
-            .collect::<CliResult<_>>()?,
-    };
-    let batch: Option<usize> = args.parsed("batch")?;
-    let sks: Option<Vec<usize>> = list_opt(args, "sk", "seqlen")?;
-    let hqs: Option<Vec<usize>> = list_opt(args, "h-q", "hq")?;
-    let sqs: Option<Vec<usize>> = list_opt(args, "s-q", "sq")?;
+    let dtypes: Vec<DType> =
+        list_opt("dtype", "dtypes", &args.dtype, &args.dtypes)?.unwrap_or_else(|| DType::ALL.to_vec());
+    let batch: Option<usize> = args.batch;
+    let sks: Option<Vec<usize>> = list_opt("sk", "seqlen", &args.sk, &args.seqlen)?;
+    let hqs: Option<Vec<usize>> = list_opt("h-q", "hq", &args.h_q, &args.hq)?;
+    let sqs: Option<Vec<usize>> = list_opt("s-q", "sq", &args.s_q, &args.sq)?;
     // `--varlen` alone: varlen lengths only; `--varlen fixed,varlen` (the former example's form): a list.
-    let modes: Option<Vec<bool>> = match (args.value("varlen"), args.flag("varlen")) {
-        (Some(v), _) => Some(
+    let modes: Option<Vec<bool>> = match &args.varlen {
+        Some(Some(v)) => Some(
             v.split(',')
                 .map(|m| match m.trim() {
                     "fixed" => Ok(false),
@@ -127,11 +131,11 @@ fn parse(args: &Args) -> CliResult<Options> {
                 })
                 .collect::<CliResult<_>>()?,
         ),
-        (None, true) => Some(vec![true]),
-        (None, false) => None,
+        Some(None) => Some(vec![true]),
+        None => None,
     };
-    let iters: usize = args.parsed_or("iters", 30)?;
-    let sets: usize = args.parsed_or("sets", 2)?;
+    let iters: usize = args.iters.unwrap_or(30);
+    let sets: usize = args.sets.unwrap_or(2);
     let opts = Options {
         grid,
         dtypes,
@@ -140,22 +144,23 @@ fn parse(args: &Args) -> CliResult<Options> {
         hqs: hqs.clone().unwrap_or_else(|| vec![16, 32, 64, 128]),
         sqs: sqs.clone().unwrap_or_else(|| vec![1, 2]),
         modes: modes.clone().unwrap_or_else(|| vec![false, true]),
-        causal: args.flag("no-causal").then_some(false),
+        causal: args.no_causal.then_some(false),
+        anchors: args.anchors.as_deref().and_then(Which::parse),
         iters,
         sets,
-        sync_each: args.flag("sync-each"),
-        seed: args.parsed_or("seed", 0)?,
-        json: args.value("json").map(str::to_string),
-        ceilings: !args.flag("no-ceilings"),
-        dry_run: args.flag("dry-run"),
-        ordinal: args.parsed_or("device", 0)?,
+        sync_each: args.sync_each,
+        seed: args.seed.unwrap_or(0),
+        json: args.json.clone(),
+        plot: args.plot.clone(),
+        ceilings: !args.no_ceilings,
+        dry_run: args.dry_run,
+        ordinal: args.device,
     };
-    for cpu_only in ["threads", "min-time"] {
-        if args.value(cpu_only).is_some() {
+    for (cpu_only, given) in [("threads", args.threads.is_some()), ("min-time", args.min_time.is_some())] {
+        if given {
             return Err(cli_err!("--{cpu_only} applies to --backend cpu only"));
         }
     }
-    args.finish()?;
     if grid == Grid::Small {
         let given = [("batch", batch.is_some()), ("sk", sks.is_some()), ("h-q", hqs.is_some())]
             .into_iter()
@@ -173,7 +178,9 @@ fn parse(args: &Args) -> CliResult<Options> {
     Ok(opts)
 }
 
-/// xorshift64* with Box-Muller normals: seedable, fast, good enough for benchmark inputs.
+/// xorshift64* with Box-Muller normals: seedable, fast, good enough for benchmark inputs. Kept rather than
+/// `rand`/`rand_distr`: the varlen lengths and page permutations of a seed are part of the recorded results
+/// (docs/performance.md, docs/bench/), and another generator would draw other batches for the same `--seed`.
 struct Rng(u64);
 
 impl Rng {
@@ -241,6 +248,42 @@ fn flops_bytes(dtype: DType, total_seqlen: usize, batch: usize, s_q: usize, h_q:
     let rows = batch * s_q * h_q;
     let bytes = (dtype.size_bytes() * (total_seqlen * HEAD_DIM_K + rows * HEAD_DIM_K) + 2 * rows * HEAD_DIM_V) as f64;
     (flops, bytes)
+}
+
+/// FLOP per byte at which a row's time is taken to turn from its bytes to its FLOPs, for the estimate of the time
+/// left only (about an H100's or H200's dense BF16 peak over its bandwidth).
+const NOMINAL_RIDGE: f64 = 250.0;
+
+/// Each configuration's weight in the estimate of the time left, in run order: its bytes, or its FLOPs over
+/// [`NOMINAL_RIDGE`] where more.
+fn costs(opts: &Options) -> Vec<f64> {
+    let cost = |dtype, total, b, s_q, h_q| {
+        let (flops, bytes) = flops_bytes(dtype, total, b, s_q, h_q);
+        bytes.max(flops / NOMINAL_RIDGE)
+    };
+    let mut out = Vec::new();
+    for &dtype in &opts.dtypes {
+        match opts.grid {
+            Grid::Upstream => {
+                for &s_k in &opts.sks {
+                    for _ in &opts.modes {
+                        for &h_q in &opts.hqs {
+                            for &s_q in &opts.sqs {
+                                out.push(cost(dtype, opts.batch * s_k, opts.batch, s_q, h_q));
+                            }
+                        }
+                    }
+                }
+            }
+            Grid::Small => {
+                for (seqlens, s_q, h_q) in small_configs() {
+                    let total = seqlens.iter().map(|&s| s as usize).sum();
+                    out.push(cost(dtype, total, seqlens.len(), s_q, h_q));
+                }
+            }
+        }
+    }
+    out
 }
 
 /// The device: one context, its default (null) stream, which is also the stream the backend is given
@@ -490,69 +533,129 @@ struct Row {
     anchor_ms: Option<f64>,
 }
 
-fn opt_num(v: Option<f64>, digits: usize) -> String {
-    v.map_or("null".into(), |x| format!("{x:.digits$}"))
+/// The run as `--json` writes it.
+#[derive(Serialize)]
+struct RunJson<'a> {
+    backend: &'a str,
+    device: &'a str,
+    sm_count: usize,
+    kernels: &'a str,
+    ceilings: Option<CeilJson>,
+    /// The anchor file compared with (`anchors-h200.json`).
+    anchors: &'a str,
+    grid: &'static str,
+    iters: usize,
+    sets: usize,
+    timing: &'static str,
+    seed: u64,
+    results: Vec<RowJson<'a>>,
 }
 
-fn json_escape(s: &str) -> String {
-    s.replace('\\', "\\\\").replace('"', "\\\"")
+#[derive(Serialize)]
+struct CeilJson {
+    copy_gbs: f64,
+    copy_bytes: usize,
 }
 
-/// The whole run as JSON: device, ceiling, options, one object per row.
-fn write_json(path: &str, be: &dyn MlaBackend, copy_gbs: Option<f64>, opts: &Options, rows: &[Row]) -> CliResult {
+#[derive(Serialize)]
+struct RowJson<'a> {
+    grid: &'static str,
+    dtype: &'static str,
+    batch: usize,
+    h_q: usize,
+    h_kv: usize,
+    s_q: usize,
+    s_k: Option<usize>,
+    mode: &'static str,
+    seqlens: Option<&'a [i32]>,
+    total_seqlen: usize,
+    causal: bool,
+    splits: usize,
+    ms: f64,
+    min_ms: f64,
+    sched_us: f64,
+    tflops: f64,
+    gbs: f64,
+    pct_copy_bw: Option<f64>,
+    anchor_ms: Option<f64>,
+    ratio: Option<f64>,
+}
+
+fn grid_name(g: Grid) -> &'static str {
+    if g == Grid::Small { "small" } else { "upstream" }
+}
+
+/// The whole run as JSON: device, ceiling, anchors, options, one object per row.
+fn write_json(
+    path: &Path,
+    be: &dyn MlaBackend,
+    copy_gbs: Option<f64>,
+    anchors: &AnchorSet,
+    opts: &Options,
+    rows: &[Row],
+) -> CliResult {
     let caps = be.capabilities();
-    let mut s = String::new();
-    let ceilings =
-        copy_gbs.map_or("null".into(), |c| format!("{{\"copy_gbs\": {c:.1}, \"copy_bytes\": {COPY_BYTES}}}"));
-    let _ = write!(
-        s,
-        "{{\n  \"backend\": \"{}\",\n  \"device\": \"{}\",\n  \"sm_count\": {},\n  \"kernels\": \"{}\",\n  \
-         \"ceilings\": {ceilings},\n  \"grid\": \"{}\",\n  \"iters\": {},\n  \"sets\": {},\n  \"timing\": \"{}\",\n  \
-         \"seed\": {},\n  \"results\": [",
-        be.name(),
-        json_escape(&caps.device_name),
-        caps.sm_count,
-        json_escape(mla_hopper::build_info()),
-        if opts.grid == Grid::Small { "small" } else { "upstream" },
-        opts.iters,
-        opts.sets,
-        if opts.sync_each { "sync-each" } else { "queued" },
-        opts.seed,
-    );
-    for (k, r) in rows.iter().enumerate() {
-        let seqlens = r
-            .seqlens
-            .as_ref()
-            .map_or("null".into(), |v| format!("[{}]", v.iter().map(i32::to_string).collect::<Vec<_>>().join(", ")));
-        let _ = write!(
-            s,
-            "{}\n    {{\"grid\": \"{}\", \"dtype\": \"{}\", \"batch\": {}, \"h_q\": {}, \"h_kv\": 1, \"s_q\": {}, \
-             \"s_k\": {}, \"mode\": \"{}\", \"seqlens\": {seqlens}, \"total_seqlen\": {}, \"causal\": {}, \
-             \"splits\": {}, \"ms\": {:.5}, \"min_ms\": {:.5}, \"sched_us\": {:.2}, \"tflops\": {:.2}, \"gbs\": {:.1}, \
-             \"pct_copy_bw\": {}, \"anchor_ms\": {}, \"ratio\": {}}}",
-            if k == 0 { "" } else { "," },
-            if r.grid == Grid::Small { "small" } else { "upstream" },
-            r.dtype.name(),
-            r.batch,
-            r.h_q,
-            r.s_q,
-            r.s_k.map_or("null".into(), |v| v.to_string()),
-            r.mode,
-            r.total_seqlen,
-            r.causal,
-            r.m.splits,
-            r.m.ms,
-            r.m.min_ms,
-            r.m.sched_ms * 1e3,
-            r.tflops,
-            r.gbs,
-            opt_num(copy_gbs.map(|c| 100.0 * r.gbs / c), 1),
-            opt_num(r.anchor_ms, 3),
-            opt_num(r.anchor_ms.map(|a| a / r.m.ms), 4),
-        );
-    }
-    s.push_str("\n  ]\n}\n");
-    std::fs::write(path, s).map_err(|e| cli_err!("{path}: cannot write: {e}"))
+    let run = RunJson {
+        backend: be.name(),
+        device: &caps.device_name,
+        sm_count: caps.sm_count,
+        kernels: mla_hopper::build_info(),
+        ceilings: copy_gbs.map(|c| CeilJson { copy_gbs: round(c, 1), copy_bytes: COPY_BYTES }),
+        anchors: anchors.file,
+        grid: grid_name(opts.grid),
+        iters: opts.iters,
+        sets: opts.sets,
+        timing: if opts.sync_each { "sync-each" } else { "queued" },
+        seed: opts.seed,
+        results: rows
+            .iter()
+            .map(|r| RowJson {
+                grid: grid_name(r.grid),
+                dtype: r.dtype.name(),
+                batch: r.batch,
+                h_q: r.h_q,
+                h_kv: 1,
+                s_q: r.s_q,
+                s_k: r.s_k,
+                mode: r.mode,
+                seqlens: r.seqlens.as_deref(),
+                total_seqlen: r.total_seqlen,
+                causal: r.causal,
+                splits: r.m.splits,
+                ms: round(r.m.ms, 5),
+                min_ms: round(r.m.min_ms, 5),
+                sched_us: round(r.m.sched_ms * 1e3, 2),
+                tflops: round(r.tflops, 2),
+                gbs: round(r.gbs, 1),
+                pct_copy_bw: copy_gbs.map(|c| round(100.0 * r.gbs / c, 1)),
+                anchor_ms: r.anchor_ms,
+                ratio: r.anchor_ms.map(|a| round(a / r.m.ms, 4)),
+            })
+            .collect(),
+    };
+    save_json(path, &run)
+}
+
+/// The rows as a roofline: TFLOPS and GB/s against the copy ceiling and upstream's figures.
+fn draw_plot(path: &Path, device: &str, copy_gbs: Option<f64>, anchors: &AnchorSet, rows: &[Row]) -> CliResult {
+    let plot = Plot {
+        title: format!("flashmla bench, hopper on {device}"),
+        copy_gbs,
+        peak_gflops: None,
+        anchor_label: plot::anchor_label(Some(anchors.file)),
+        points: rows
+            .iter()
+            .map(|r| Point {
+                dtype: r.dtype.name().into(),
+                gflops: r.tflops * 1e3,
+                gbs: r.gbs,
+                anchor_gflops: r.anchor_ms.map(|a| r.tflops * 1e3 * r.m.ms / a),
+            })
+            .collect(),
+    };
+    plot::draw(&plot, path)?;
+    println!("wrote {}", path.display());
+    Ok(())
 }
 
 fn upstream_header() {
@@ -578,7 +681,7 @@ fn lengths_label(seqlens: &[i32]) -> String {
 }
 
 /// `--dry-run`: the configurations and their anchors, without a device.
-fn dry_run(opts: &Options) {
+fn dry_run(opts: &Options, anchors: &AnchorSet) {
     let mut n = 0;
     match opts.grid {
         Grid::Upstream => {
@@ -591,8 +694,8 @@ fn dry_run(opts: &Options) {
                     for &varlen in &opts.modes {
                         for &h_q in &opts.hqs {
                             for &s_q in &opts.sqs {
-                                let causal = opts.causal(dtype);
-                                let a = anchor(dtype, opts.batch, s_k, h_q, s_q, varlen, causal);
+                                let causal = opts.causal(dtype, anchors);
+                                let a = anchors.anchor(dtype, opts.batch, s_k, h_q, s_q, varlen, causal);
                                 println!(
                                     "{:<5} {:>6} {:>4} {:>3} {:<6} {:>3} {:>5} {:>9}",
                                     dtype.name(),
@@ -616,7 +719,7 @@ fn dry_run(opts: &Options) {
             for &dtype in &opts.dtypes {
                 for (seqlens, s_q, h_q) in small_configs() {
                     let label = lengths_label(&seqlens);
-                    let causal = opts.causal(dtype) as u8;
+                    let causal = opts.causal(dtype, anchors) as u8;
                     println!("{:<5} {:>2} {:>3} {:>4} {label:<28} {causal:>3}", dtype.name(), seqlens.len(), s_q, h_q);
                     n += 1;
                 }
@@ -631,10 +734,12 @@ fn dry_run(opts: &Options) {
 
 /// Runs `flashmla bench --backend hopper` (also `--backend auto` where the Hopper backend opens). The options are
 /// checked before the device is opened; without a usable GPU this fails with the backend's one-line reason.
-pub fn run(args: &Args) -> CliResult {
+pub fn run(args: &BenchArgs) -> CliResult {
     let opts = parse(args)?;
     if opts.dry_run {
-        dry_run(&opts);
+        let anchors = AnchorSet::load(opts.anchors.unwrap_or(Which::H100));
+        println!("anchors: {} ({}, {})", anchors.file, anchors.device, anchors.date);
+        dry_run(&opts, &anchors);
         return Ok(());
     }
     let be = flashmla::open_backend("hopper", opts.ordinal)?;
@@ -642,15 +747,29 @@ pub fn run(args: &Args) -> CliResult {
     let dev = Dev::new(opts.ordinal, opts.sync_each)?;
     let caps = be.capabilities();
     println!("device: {} ({} SMs), {}", caps.device_name, caps.sm_count, mla_hopper::build_info());
+    let (which, own) = Which::for_device(&caps.device_name);
+    let anchors = AnchorSet::load(opts.anchors.unwrap_or(which));
+    let whose = match (opts.anchors, own) {
+        (Some(_), _) => "as --anchors asks",
+        (None, true) => "this kind of device",
+        (None, false) => "no figures for this device: the H100's, for reference",
+    };
+    println!(
+        "anchors: upstream on {} ({}, {}, copy {:.0} GB/s; {whose})",
+        anchors.device, anchors.file, anchors.date, anchors.copy_gbs
+    );
+    let anchors = &anchors;
     let copy_gbs = if opts.ceilings { Some(dev.copy_gbs()?) } else { None };
     if let Some(c) = copy_gbs {
         println!("copy ceiling: {c:.0} GB/s (2 GiB device-to-device, read + write)");
     }
     let timing = if opts.sync_each { "each launch synchronised" } else { "launches queued back to back" };
     // The JSON is rewritten after every row, so a run cut short by a time limit still leaves its rows.
-    let save = |rows: &[Row]| opts.json.as_ref().map_or(Ok(()), |path| write_json(path, be, copy_gbs, &opts, rows));
+    let save =
+        |rows: &[Row]| opts.json.as_ref().map_or(Ok(()), |path| write_json(path, be, copy_gbs, anchors, &opts, rows));
     let mut rows = Vec::new();
     save(&rows)?; // an unwritable path fails now, not after the first configuration
+    let mut progress = Progress::new(costs(&opts), false);
     let mut rng = Rng::new(opts.seed);
     match opts.grid {
         Grid::Upstream => {
@@ -661,7 +780,7 @@ pub fn run(args: &Args) -> CliResult {
             );
             upstream_header();
             for &dtype in &opts.dtypes {
-                let causal = opts.causal(dtype);
+                let causal = opts.causal(dtype, anchors);
                 let pattern = random_pattern(&mut rng, dtype);
                 for &s_k in &opts.sks {
                     for &varlen in &opts.modes {
@@ -685,7 +804,7 @@ pub fn run(args: &Args) -> CliResult {
                                     causal,
                                     tflops: flops / (m.ms * 1e-3) / 1e12,
                                     gbs: bytes / (m.ms * 1e-3) / 1e9,
-                                    anchor_ms: anchor(dtype, opts.batch, s_k, h_q, s_q, varlen, causal),
+                                    anchor_ms: anchors.anchor(dtype, opts.batch, s_k, h_q, s_q, varlen, causal),
                                     m,
                                 };
                                 println!(
@@ -705,6 +824,7 @@ pub fn run(args: &Args) -> CliResult {
                                 );
                                 rows.push(row);
                                 save(&rows)?;
+                                progress.step(&format!("{} s_k={s_k} h_q={h_q} s_q={s_q}", dtype.name()));
                             }
                         }
                     }
@@ -719,7 +839,7 @@ pub fn run(args: &Args) -> CliResult {
             );
             small_header();
             for &dtype in &opts.dtypes {
-                let causal = opts.causal(dtype);
+                let causal = opts.causal(dtype, anchors);
                 let pattern = random_pattern(&mut rng, dtype);
                 for (seqlens, s_q, h_q) in small_configs() {
                     let b = seqlens.len();
@@ -759,12 +879,16 @@ pub fn run(args: &Args) -> CliResult {
                     );
                     rows.push(row);
                     save(&rows)?;
+                    progress.step(&format!("{} {label}", dtype.name()));
                 }
             }
         }
     }
     if let Some(path) = &opts.json {
-        println!("wrote {path}");
+        println!("wrote {}", path.display());
+    }
+    if let Some(path) = &opts.plot {
+        draw_plot(path, &caps.device_name, copy_gbs, anchors, &rows)?;
     }
     Ok(())
 }
@@ -773,9 +897,17 @@ pub fn run(args: &Args) -> CliResult {
 mod tests {
     use super::*;
 
-    fn opts(s: &[&str]) -> CliResult<Options> {
-        let raw: Vec<String> = s.iter().map(|x| x.to_string()).collect();
-        parse(&Args::parse(&raw, crate::BENCH_BOOLEANS, crate::BENCH_OPTIONAL)?)
+    /// Parses `flashmla bench --backend hopper <s>`; clap's errors and parse's alike as one line.
+    fn opts(s: &[&str]) -> Result<Options, String> {
+        use clap::Parser;
+        let argv = ["flashmla", "bench", "--backend", "hopper"].into_iter().chain(s.iter().copied());
+        let cli = crate::args::Cli::try_parse_from(argv).map_err(|e| crate::args::one_line(&e))?;
+        let crate::args::Command::Bench(b) = cli.command else { unreachable!("bench") };
+        parse(&b).map_err(|e| e.to_string())
+    }
+
+    fn h100() -> AnchorSet {
+        AnchorSet::load(Which::H100)
     }
 
     #[test]
@@ -787,7 +919,10 @@ mod tests {
         assert_eq!(o.hqs, [16, 32, 64, 128]);
         assert_eq!(o.sqs, [1, 2]);
         assert_eq!(o.modes, [false, true]);
-        assert!(o.causal(DType::Bf16) && o.causal(DType::F16) && !o.causal(DType::E4M3));
+        let a = h100();
+        assert!(o.causal(DType::Bf16, &a) && o.causal(DType::F16, &a) && !o.causal(DType::E4M3, &a));
+        let h200 = AnchorSet::load(Which::H200);
+        assert!(o.causal(DType::E4M3, &h200), "upstream's FP8 figures on the H200 are causal");
         assert!(o.ceilings && !o.sync_each && !o.dry_run);
     }
 
@@ -802,14 +937,14 @@ mod tests {
             opts(&["--dtype", "bf16,fp16", "--seqlen", "4096", "--h-q", "16,128", "--s-q", "1", "--varlen"]).unwrap();
         assert_eq!((o.dtypes.len(), o.sks, o.hqs, o.modes), (2, vec![4096], vec![16, 128], vec![true]));
         let o = opts(&["--varlen=varlen,fixed", "--no-causal", "--sync-each", "--iters", "3", "--sets", "1"]).unwrap();
-        assert!(!o.causal(DType::Bf16));
+        assert!(!o.causal(DType::Bf16, &h100()));
         assert_eq!((o.modes, o.iters, o.sets, o.sync_each), (vec![true, false], 3, 1, true));
         assert_eq!(opts(&["--grid", "small", "--dtype", "bf16"]).unwrap().grid, Grid::Small);
     }
 
     #[test]
     fn bad_flags_are_one_line_errors() {
-        let err = |s: &[&str]| opts(s).unwrap_err().0;
+        let err = |s: &[&str]| opts(s).unwrap_err();
         assert!(err(&["--grid", "mem"]).contains("--grid"));
         assert!(err(&["--dtype", "bf16", "--dtypes", "e4m3"]).contains("not both"));
         assert!(err(&["--varlen", "sometimes"]).contains("--varlen"));
@@ -819,6 +954,7 @@ mod tests {
         assert!(err(&["--iters", "0"]).contains(">= 1"));
         assert!(err(&["--hq", "0"]).contains(">= 1"));
         assert!(err(&["--typo"]).contains("--typo"));
+        assert!(err(&["--anchors", "h300"]).contains("--anchors"));
     }
 
     #[test]
@@ -833,7 +969,7 @@ mod tests {
     }
 
     #[test]
-    fn json_has_the_ceiling_the_device_and_one_object_per_row() {
+    fn json_has_the_ceiling_the_device_the_anchors_and_one_object_per_row() {
         let be = mla_cpu::CpuBackend::new();
         let o = opts(&["--json", "x.json"]).unwrap();
         let row = |grid, seqlens: Option<Vec<i32>>, anchor_ms| Row {
@@ -854,18 +990,30 @@ mod tests {
         };
         let rows = [row(Grid::Upstream, None, Some(0.129)), row(Grid::Small, Some(vec![4641, 45118]), None)];
         let path = std::env::temp_dir().join(format!("flashmla-bench-hopper-unit-{}.json", std::process::id()));
-        let path = path.to_str().unwrap();
-        write_json(path, &be, Some(3000.0), &o, &rows).unwrap();
-        let text = std::fs::read_to_string(path).unwrap();
-        std::fs::remove_file(path).ok();
-        assert!(text.contains("\"ceilings\": {\"copy_gbs\": 3000.0, \"copy_bytes\": 2147483648}"), "{text}");
-        assert!(text.contains(&format!("\"device\": \"{}\"", be.capabilities().device_name)), "{text}");
-        assert_eq!(text.matches("\"dtype\": \"e4m3\"").count(), 2, "{text}");
-        assert!(text.contains("\"anchor_ms\": 0.129, \"ratio\": 0.5160}"), "{text}");
-        assert!(text.contains("\"pct_copy_bw\": 50.0"), "{text}");
-        assert!(text.contains("\"seqlens\": [4641, 45118]") && text.contains("\"anchor_ms\": null, \"ratio\": null}"));
-        assert_eq!(text.matches('{').count(), text.matches('}').count());
-        assert_eq!(text.matches('[').count(), text.matches(']').count());
+        write_json(&path, &be, Some(3000.0), &h100(), &o, &rows).unwrap();
+        let text = std::fs::read_to_string(&path).unwrap();
+        std::fs::remove_file(&path).ok();
+        let j: serde_json::Value = serde_json::from_str(&text).unwrap();
+        assert_eq!(j["ceilings"], serde_json::json!({"copy_gbs": 3000.0, "copy_bytes": 2147483648u64}));
+        assert_eq!(j["device"], be.capabilities().device_name.as_str());
+        assert_eq!(j["anchors"], "anchors-h100.json");
+        let r = j["results"].as_array().unwrap();
+        assert_eq!(r.len(), 2);
+        assert!(r.iter().all(|r| r["dtype"] == "e4m3"));
+        assert_eq!((r[0]["anchor_ms"].as_f64(), r[0]["ratio"].as_f64()), (Some(0.129), Some(0.516)));
+        assert_eq!(r[0]["pct_copy_bw"].as_f64(), Some(50.0));
+        assert_eq!(r[1]["seqlens"], serde_json::json!([4641, 45118]));
+        assert!(r[1]["anchor_ms"].is_null() && r[1]["ratio"].is_null());
+    }
+
+    #[test]
+    fn progress_costs_follow_the_grid() {
+        let o =
+            opts(&["--dtype", "bf16", "--sk", "4096,8192", "--varlen", "fixed", "--h-q", "16", "--s-q", "1"]).unwrap();
+        let c = costs(&o);
+        assert_eq!(c.len(), 2);
+        assert!((c[1] / c[0] - 2.0).abs() < 0.01, "{c:?}");
+        assert_eq!(costs(&opts(&["--grid", "small"]).unwrap()).len(), 3 * 17);
     }
 
     #[test]

@@ -2,10 +2,10 @@
 //!
 //! | file | .npy dtype | shape |
 //! |---|---|---|
-//! | `--q` | float32 | `[b, s_q, h_q, 576]`, rounded to `--dtype` (e4m3: `e4m3(x / descale_q)`) |
-//! | `--kv-cache` | float32 | `[num_blocks, page_size, h_kv, 576]`, rounded likewise with `descale_k` |
-//! | `--block-table` | int32 | `[b, max_blocks_per_seq]` |
-//! | `--seqlens` | int32 | `[b]` |
+//! | `--q` | float32/float16/float64, or raw `--dtype` elements ([`npy::read_elements`]) | `[b, s_q, h_q, 576]`; values are rounded to `--dtype` (e4m3: `e4m3(x / descale_q)`) |
+//! | `--kv-cache` | as `--q` | `[num_blocks, page_size, h_kv, 576]`, rounded likewise with `descale_k` |
+//! | `--block-table` | int32 or int64 | `[b, max_blocks_per_seq]` |
+//! | `--seqlens` | int32 or int64 | `[b]` |
 //! | `--out` (written) | float32 | `[b, s_q, h_q, 512]`: the out-dtype values, widened |
 //! | `--lse` (written) | float32 | `[b, h_q, s_q]` |
 
@@ -14,30 +14,41 @@ use std::path::Path;
 use mla_core::{DType, HEAD_DIM_K, HEAD_DIM_V};
 use mla_cpu::problem::{Elems, HostProblem};
 
-use crate::args::{Args, CliResult};
+use crate::args::{CliResult, DecodeArgs};
+use crate::npy::Elements;
 use crate::{cli_err, exec, npy};
 
-/// Reads a float32 array of rank `rank` whose last dimension (if `last` is set) is fixed.
-fn read_f32(path: &str, what: &str, rank: usize, last: Option<usize>) -> CliResult<(Vec<usize>, Vec<f32>)> {
-    let p = Path::new(path);
-    let (shape, data) = npy::read(p)?.into_f32(p)?;
-    if shape.len() != rank || last.is_some_and(|l| shape[rank - 1] != l) {
-        return Err(cli_err!("{path}: expected a float32 array of shape {what}, got shape {shape:?}"));
+/// Reads q or the KV cache (rank 4, last dimension 576) as `dtype` elements: values rounded (e4m3: divided by
+/// `descale` first), raw elements taken as they are when their width is the dtype's.
+fn read_input(path: &Path, what: &str, dtype: DType, descale: f32) -> CliResult<(Vec<usize>, Elems)> {
+    let (shape, data) = npy::read_elements(path)?;
+    let p = path.display();
+    if shape.len() != 4 || shape[3] != HEAD_DIM_K {
+        return Err(cli_err!("{p}: expected an array of shape {what}, got shape {shape:?}"));
     }
-    Ok((shape, data))
+    let elems = match (data, dtype) {
+        (Elements::Values(v), _) => Elems::encode(dtype, &v, descale),
+        (Elements::Bits16(v), DType::Bf16 | DType::F16) => Elems::U16(v),
+        (Elements::Bits8(v), DType::E4M3) => Elems::U8(v),
+        (Elements::Bits16(_), _) => {
+            return Err(cli_err!("{p}: holds raw 2-byte elements (bf16 or fp16), but --dtype is {dtype}"));
+        }
+        (Elements::Bits8(_), _) => {
+            return Err(cli_err!("{p}: holds raw 1-byte elements (e4m3 codes), but --dtype is {dtype}"));
+        }
+    };
+    Ok((shape, elems))
 }
 
-fn read_i32(path: &str, what: &str, rank: usize) -> CliResult<(Vec<usize>, Vec<i32>)> {
-    let p = Path::new(path);
-    let (shape, data) = npy::read(p)?.into_i32(p)?;
+fn read_i32(path: &Path, what: &str, rank: usize) -> CliResult<(Vec<usize>, Vec<i32>)> {
+    let (shape, data) = npy::read_indices(path)?;
     if shape.len() != rank {
-        return Err(cli_err!("{path}: expected an int32 array of shape {what}, got shape {shape:?}"));
+        return Err(cli_err!("{}: expected an integer array of shape {what}, got shape {shape:?}", path.display()));
     }
     Ok((shape, data))
 }
 
-fn positive_scale(args: &Args, name: &str) -> CliResult<Option<f32>> {
-    let v: Option<f32> = args.parsed(name)?;
+fn positive_scale(name: &str, v: Option<f32>) -> CliResult<Option<f32>> {
     if let Some(x) = v
         && !(x.is_finite() && x > 0.0)
     {
@@ -47,29 +58,24 @@ fn positive_scale(args: &Args, name: &str) -> CliResult<Option<f32>> {
 }
 
 /// Runs `flashmla decode`.
-pub fn run(args: &Args) -> CliResult {
-    let backend_name = args.value("backend").unwrap_or("auto").to_string();
-    let ordinal: i32 = args.parsed_or("device", 0)?;
-    let dtype = args.dtype()?;
-    let q_path = args.required("q")?.to_string();
-    let kv_path = args.required("kv-cache")?.to_string();
-    let bt_path = args.required("block-table")?.to_string();
-    let sl_path = args.required("seqlens")?.to_string();
-    let out_path = args.required("out")?.to_string();
-    let lse_path = args.required("lse")?.to_string();
-    let causal = args.flag("causal");
-    let softmax_scale = positive_scale(args, "softmax-scale")?;
-    let descale_q = positive_scale(args, "descale-q")?;
-    let descale_k = positive_scale(args, "descale-k")?;
-    args.finish()?;
+pub fn run(args: &DecodeArgs) -> CliResult {
+    let dtype = args.dtype;
+    let softmax_scale = positive_scale("softmax-scale", args.softmax_scale)?;
+    let descale_q = positive_scale("descale-q", args.descale_q)?;
+    let descale_k = positive_scale("descale-k", args.descale_k)?;
     if dtype != DType::E4M3 && (descale_q.is_some() || descale_k.is_some()) {
         return Err(cli_err!("--descale-q/--descale-k apply to --dtype e4m3 only (got --dtype {dtype})"));
     }
+    let (q_path, kv_path) = (args.q.display().to_string(), args.kv_cache.display().to_string());
+    let (bt_path, sl_path) = (args.block_table.display().to_string(), args.seqlens.display().to_string());
+    let (out_path, lse_path) = (args.out.display().to_string(), args.lse.display().to_string());
+    let causal = args.causal;
+    let (dq, dk) = (descale_q.unwrap_or(1.0), descale_k.unwrap_or(1.0));
 
-    let (qs, q) = read_f32(&q_path, "[b, s_q, h_q, 576]", 4, Some(HEAD_DIM_K))?;
-    let (ks, kv) = read_f32(&kv_path, "[num_blocks, page_size, h_kv, 576]", 4, Some(HEAD_DIM_K))?;
-    let (bts, block_table) = read_i32(&bt_path, "[b, max_blocks_per_seq]", 2)?;
-    let (sls, seqlens) = read_i32(&sl_path, "[b]", 1)?;
+    let (qs, q) = read_input(&args.q, "[b, s_q, h_q, 576]", dtype, dq)?;
+    let (ks, kv) = read_input(&args.kv_cache, "[num_blocks, page_size, h_kv, 576]", dtype, dk)?;
+    let (bts, block_table) = read_i32(&args.block_table, "[b, max_blocks_per_seq]", 2)?;
+    let (sls, seqlens) = read_i32(&args.seqlens, "[b]", 1)?;
     let (b, s_q, h_q) = (qs[0], qs[1], qs[2]);
     let (num_blocks, page_size, h_kv) = (ks[0], ks[1], ks[2]);
     if b == 0 || s_q == 0 || h_q == 0 {
@@ -88,7 +94,6 @@ pub fn run(args: &Args) -> CliResult {
         return Err(cli_err!("{sl_path}: expected {b} lengths (the batch of {q_path}), got shape {sls:?}"));
     }
 
-    let (dq, dk) = (descale_q.unwrap_or(1.0), descale_k.unwrap_or(1.0));
     let host = HostProblem {
         dtype,
         batch: b,
@@ -98,8 +103,8 @@ pub fn run(args: &Args) -> CliResult {
         page_size,
         num_blocks,
         max_blocks_per_seq: bts[1],
-        q: Elems::encode(dtype, &q, dq),
-        kv: Elems::encode(dtype, &kv, dk),
+        q,
+        kv,
         block_table,
         seqlens,
         causal,
@@ -107,10 +112,10 @@ pub fn run(args: &Args) -> CliResult {
         descale_q: dq,
         descale_k: dk,
     };
-    let backend = flashmla::open_backend(&backend_name, ordinal)?;
+    let backend = flashmla::open_backend(&args.backend, args.device)?;
     let outs = exec::run_decode(backend.as_ref(), &host)?;
-    npy::write_f32(Path::new(&out_path), &[b, s_q, h_q, HEAD_DIM_V], &outs.out)?;
-    npy::write_f32(Path::new(&lse_path), &[b, h_q, s_q], &outs.lse)?;
+    npy::write_f32(&args.out, &[b, s_q, h_q, HEAD_DIM_V], &outs.out)?;
+    npy::write_f32(&args.lse, &[b, h_q, s_q], &outs.lse)?;
     println!(
         "decode on {} ({}): b={b} s_q={s_q} h_q={h_q} h_kv={h_kv} page_size={page_size} {dtype}{}; wrote {out_path} \
          [{b}, {s_q}, {h_q}, {HEAD_DIM_V}] and {lse_path} [{b}, {h_q}, {s_q}]",

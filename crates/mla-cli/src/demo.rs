@@ -14,31 +14,26 @@ use mla_core::{DType, HEAD_DIM_K, HEAD_DIM_V};
 use mla_cpu::problem::{HostOutputs, HostProblem, RandomSpec};
 use mla_cpu::{CpuBackend, CpuOptions};
 
-use crate::args::{Args, CliResult};
+use crate::args::{CliResult, DemoArgs};
 use crate::check;
 use crate::{cli_err, exec, npy};
 
 /// Runs `flashmla demo`.
-pub fn run(args: &Args) -> CliResult {
-    let backend_name = args.value("backend").unwrap_or("auto").to_string();
-    let ordinal: i32 = args.parsed_or("device", 0)?;
-    let dtype = args.dtype()?;
+pub fn run(args: &DemoArgs) -> CliResult {
+    let dtype = args.dtype;
     let spec = RandomSpec {
-        batch: args.parsed_or("batch", 32)?,
-        s_q: args.parsed_or("s-q", 2)?,
-        h_q: args.parsed_or("h-q", 16)?,
-        h_kv: args.parsed_or("h-kv", 1)?,
-        mean_seqlen: args.parsed_or("seqlen", 2048)?,
-        varlen: !args.flag("fixed-len"),
-        page_size: args.parsed_or("page-size", 64)?,
+        batch: args.batch,
+        s_q: args.s_q,
+        h_q: args.h_q,
+        h_kv: args.h_kv,
+        mean_seqlen: args.seqlen,
+        varlen: !args.fixed_len,
+        page_size: args.page_size,
         dtype,
-        causal: !args.flag("no-causal"),
-        seed: args.parsed_or("seed", 0)?,
+        causal: !args.no_causal,
+        seed: args.seed,
     };
-    let iters: usize = args.parsed_or("iters", 5)?;
-    let samples: usize = args.parsed_or("check-rows", 24)?;
-    let save: Option<String> = args.value("save").map(str::to_string);
-    args.finish()?;
+    let (iters, samples) = (args.iters, args.check_rows);
     for (name, v) in [("batch", spec.batch), ("s-q", spec.s_q), ("h-q", spec.h_q), ("h-kv", spec.h_kv)] {
         if v == 0 {
             return Err(cli_err!("--{name}: expected a value >= 1, got 0"));
@@ -48,7 +43,7 @@ pub fn run(args: &Args) -> CliResult {
         return Err(cli_err!("--page-size must be >= 1 and --h-kv must divide --h-q"));
     }
 
-    let backend = flashmla::open_backend(&backend_name, ordinal)?;
+    let backend = flashmla::open_backend(&args.backend, args.device)?;
     let p = HostProblem::random(&spec);
     println!(
         "problem: b={} s_q={} h_q={} h_kv={} {} page_size={} {}, lengths {} (mean {:.0}, min {}, max {}), \
@@ -123,8 +118,8 @@ pub fn run(args: &Args) -> CliResult {
     );
     failures.extend(o.failure.into_iter().chain(l.failure));
 
-    if let Some(dir) = save {
-        save_problem(Path::new(&dir), &p, &got)?;
+    if let Some(dir) = &args.save {
+        save_problem(dir, &p, &got)?;
     }
     if failures.is_empty() {
         println!("PASS");

@@ -12,6 +12,7 @@ use mla_core::{Device, MlaBackend};
 use mla_cpu::problem::{HostOutputs, HostProblem, HostRun};
 
 use crate::args::CliResult;
+#[cfg(feature = "cuda")]
 use crate::exec_cuda::CudaRun;
 
 /// A problem bound to a backend, ready to run (possibly many times, for timing).
@@ -21,6 +22,7 @@ pub struct Session<'a> {
 
 enum Inner<'a> {
     Host(HostRun<'a>),
+    #[cfg(feature = "cuda")]
     Cuda(Box<CudaRun<'a>>),
 }
 
@@ -29,7 +31,10 @@ impl<'a> Session<'a> {
     pub fn new(backend: &'a dyn MlaBackend, host: &'a HostProblem) -> CliResult<Self> {
         match backend.capabilities().device {
             Device::Host => Ok(Session { inner: Inner::Host(HostRun::new(backend, host)?) }),
+            #[cfg(feature = "cuda")]
             Device::Cuda(n) => Ok(Session { inner: Inner::Cuda(Box::new(CudaRun::new(backend, host, n)?)) }),
+            #[cfg(not(feature = "cuda"))]
+            Device::Cuda(n) => Err(crate::cli_err!("device cuda:{n}: built without the `cuda` feature")),
         }
     }
 
@@ -41,6 +46,7 @@ impl<'a> Session<'a> {
                 run.decode()?;
                 Ok(t.elapsed())
             }
+            #[cfg(feature = "cuda")]
             Inner::Cuda(run) => run.decode(),
         }
     }
@@ -49,6 +55,7 @@ impl<'a> Session<'a> {
     pub fn outputs(&self) -> CliResult<HostOutputs> {
         match &self.inner {
             Inner::Host(run) => Ok(run.outputs()),
+            #[cfg(feature = "cuda")]
             Inner::Cuda(run) => run.outputs(),
         }
     }

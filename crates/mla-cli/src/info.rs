@@ -2,7 +2,7 @@
 
 use mla_core::MlaBackend;
 
-use crate::args::{Args, CliResult};
+use crate::args::{CliResult, InfoArgs};
 
 fn describe(b: &dyn MlaBackend) -> String {
     let c = b.capabilities();
@@ -17,11 +17,10 @@ fn describe(b: &dyn MlaBackend) -> String {
 }
 
 /// Runs `flashmla info`.
-pub fn run(args: &Args) -> CliResult {
-    let ordinal: i32 = args.parsed_or("device", 0)?;
-    args.finish()?;
+pub fn run(args: &InfoArgs) -> CliResult {
+    let ordinal = args.device;
     println!("flashmla {} (ABI and backends of flashmla-rs)", env!("CARGO_PKG_VERSION"));
-    println!("build: {}; sm_90a kernels: {}", profile(), mla_hopper::build_info());
+    println!("build: {}; sm_90a kernels: {}", profile(), kernels());
     for name in ["cpu", "hopper"] {
         let line = match flashmla::open_backend(name, ordinal) {
             Ok(b) => describe(b.as_ref()),
@@ -32,6 +31,16 @@ pub fn run(args: &Args) -> CliResult {
     let auto = flashmla::open_backend("auto", ordinal).map(|b| b.name()).unwrap_or("none");
     println!("  auto    -> {auto}");
     Ok(())
+}
+
+#[cfg(feature = "cuda")]
+fn kernels() -> &'static str {
+    mla_hopper::build_info()
+}
+
+#[cfg(not(feature = "cuda"))]
+fn kernels() -> &'static str {
+    "none (built without the `cuda` feature)"
 }
 
 fn profile() -> &'static str {

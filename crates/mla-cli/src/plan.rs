@@ -1,37 +1,32 @@
 //! `flashmla plan`: the scheduler's output for given sequence lengths.
 
 use std::fmt::Write as _;
-use std::path::Path;
 
 use mla_core::scheduler::{self, SchedulePlan};
 
-use crate::args::{Args, CliResult};
+use crate::args::{CliResult, PlanArgs};
 use crate::{cli_err, npy};
 
-/// SM count used when `--num-sms` is not given: an H100 SXM.
-pub const DEFAULT_NUM_SMS: usize = 132;
-
 /// Runs `flashmla plan`.
-pub fn run(args: &Args) -> CliResult {
-    let seqlens = match (args.list::<i32>("seqlens")?, args.value("seqlens-file")) {
-        (Some(v), None) => v,
+pub fn run(args: &PlanArgs) -> CliResult {
+    let seqlens = match (&args.seqlens, &args.seqlens_file) {
+        (Some(v), None) => v.clone(),
         (None, Some(f)) => {
-            let p = Path::new(f);
-            let (shape, v) = npy::read(p)?.into_i32(p)?;
+            let (shape, v) = npy::read_indices(f)?;
             if shape.len() != 1 {
-                return Err(cli_err!("--seqlens-file {f}: expected a 1-D int32 array, got shape {shape:?}"));
+                return Err(cli_err!(
+                    "--seqlens-file {}: expected a 1-D integer array, got shape {shape:?}",
+                    f.display()
+                ));
             }
             v
         }
         (Some(_), Some(_)) => return Err(cli_err!("--seqlens and --seqlens-file are exclusive; give one")),
-        (None, None) => return Err(cli_err!("--seqlens (comma-separated) or --seqlens-file (int32 .npy) is required")),
+        (None, None) => {
+            return Err(cli_err!("--seqlens (comma-separated) or --seqlens-file (int32/int64 .npy) is required"));
+        }
     };
-    let s_q: usize = args.parsed_or("s-q", 1)?;
-    let h_q: usize = args.parsed_or("h-q", 128)?;
-    let h_kv: usize = args.parsed_or("h-kv", 1)?;
-    let num_sms: usize = args.parsed_or("num-sms", DEFAULT_NUM_SMS)?;
-    let json = args.flag("json");
-    args.finish()?;
+    let (s_q, h_q, h_kv, num_sms, json) = (args.s_q, args.h_q, args.h_kv, args.num_sms, args.json);
     for (name, v) in [("s-q", s_q), ("h-q", h_q), ("h-kv", h_kv), ("num-sms", num_sms)] {
         if v == 0 {
             return Err(cli_err!("--{name}: expected a value >= 1, got 0"));
@@ -50,16 +45,24 @@ pub fn run(args: &Args) -> CliResult {
     Ok(())
 }
 
-/// `{"num_sm_parts": P, "tile_scheduler_metadata": [[8 ints], ...], "num_splits": [...]}` on one line.
+/// The metadata as JSON.
+#[derive(serde::Serialize)]
+struct PlanJson {
+    num_sm_parts: usize,
+    /// One row of 8 words per part (docs/scheduler-metadata.md).
+    tile_scheduler_metadata: Vec<[i32; 8]>,
+    num_splits: Vec<i32>,
+}
+
+/// `{"num_sm_parts":P,"tile_scheduler_metadata":[[8 ints],...],"num_splits":[...]}` on one line.
 pub fn to_json(plan: &SchedulePlan) -> String {
-    let join = |v: &[i32]| v.iter().map(|x| x.to_string()).collect::<Vec<_>>().join(", ");
-    let rows: Vec<String> = plan.parts.iter().map(|p| format!("[{}]", join(&p.to_words()))).collect();
-    format!(
-        "{{\"num_sm_parts\": {}, \"tile_scheduler_metadata\": [{}], \"num_splits\": [{}]}}\n",
-        plan.parts.len(),
-        rows.join(", "),
-        join(&plan.num_splits)
-    )
+    let j = PlanJson {
+        num_sm_parts: plan.parts.len(),
+        tile_scheduler_metadata: plan.parts.iter().map(|p| p.to_words()).collect(),
+        num_splits: plan.num_splits.clone(),
+    };
+    // Serialising plain integers and arrays cannot fail.
+    serde_json::to_string(&j).expect("integers serialise") + "\n"
 }
 
 fn to_table(plan: &SchedulePlan, seqlens: &[i32], q_seq_per_hk: usize, h_kv: usize) -> String {

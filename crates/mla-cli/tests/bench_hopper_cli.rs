@@ -2,6 +2,8 @@
 //! their upstream anchors without opening a device), bad options are one-line errors, and the benchmark itself
 //! fails with the backend's one-line reason and exit status 2. On a machine where the Hopper backend opens, the
 //! no-GPU check is skipped (the other checks never touch the device).
+// The GPU benchmark is built with the `cuda` feature only.
+#![cfg(feature = "cuda")]
 
 use std::process::{Command, Output};
 
@@ -29,7 +31,8 @@ fn dry_run(args: &[&str]) -> Vec<String> {
     let out = text(&o.stdout);
     let lines: Vec<String> = out.lines().map(str::to_string).collect();
     assert!(lines.last().is_some_and(|l| l.starts_with("dry run: ")), "{out}");
-    lines[1..lines.len() - 1].to_vec()
+    assert!(lines[0].starts_with("anchors: anchors-h"), "{out}");
+    lines[2..lines.len() - 1].to_vec()
 }
 
 #[test]
@@ -83,6 +86,11 @@ fn the_grids_and_their_flags_parse() {
     assert!(b.iter().all(|r| r.trim_end().ends_with('-')), "{b:?}");
     let nc = dry_run(&["--no-causal", "--dtype", "bf16", "--sk", "4096", "--varlen=fixed,varlen", "--sync-each"]);
     assert!(nc.len() == 16 && nc.iter().all(|r| r.trim_end().ends_with('-')), "{nc:?}");
+    // The H200's figures: every dtype causal (upstream's PR #122 FP8 too), FP16 and FP8 up to s_k = 16384.
+    let h200 = dry_run(&["--anchors", "h200"]);
+    assert_eq!(h200.len(), 144);
+    assert!(h200.iter().all(|r| !r.trim_end().ends_with('-')), "{h200:?}");
+    assert!(h200.iter().all(|r| r.split_whitespace().nth(5) == Some("1")), "all causal: {h200:?}");
     // The command lines of scripts/gpu-run.sh (steps bench and small) and of the ncu example in docs/gpu.md.
     dry_run(&["--json", "/tmp/unused.json"]);
     dry_run(&["--grid", "small", "--json", "/tmp/unused.json"]);
@@ -111,8 +119,11 @@ fn bad_hopper_bench_options_are_one_line_errors_before_any_device() {
         assert_eq!(err.lines().count(), 1, "{args:?}: {err}");
         assert!(err.contains(needle), "{args:?}: `{err}` should contain `{needle}`");
     }
-    // The CPU bench keeps its own flags: the hopper-only ones are unknown there.
-    let o = flashmla(&["bench", "--backend", "cpu", "--sets", "2"]);
-    assert_eq!(o.status.code(), Some(2));
-    assert!(text(&o.stderr).contains("unknown option --sets"), "{}", text(&o.stderr));
+    // The CPU bench keeps its own flags: the hopper-only ones are refused there, by name.
+    for flag in [&["--sets", "2"][..], &["--sync-each"], &["--sk", "4096"], &["--anchors", "h200"]] {
+        let o = flashmla(&[&["bench", "--backend", "cpu"][..], flag].concat());
+        assert_eq!(o.status.code(), Some(2));
+        let want = format!("{} applies to --backend hopper only", flag[0]);
+        assert!(text(&o.stderr).contains(&want), "{}", text(&o.stderr));
+    }
 }

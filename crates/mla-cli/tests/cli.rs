@@ -202,12 +202,12 @@ fn error_messages_name_the_file_and_the_problem() {
     };
     // Not a .npy file.
     std::fs::write(d.join("junk.npy"), b"definitely not numpy").unwrap();
-    check(decode_cmd(d).arg("--q").arg(d.join("junk.npy")), &["junk.npy", "bad magic"]);
+    check(decode_cmd(d).arg("--q").arg(d.join("junk.npy")), &["junk.npy", "not a readable .npy file"]);
     // Truncated data.
     write_npy(&d.join("short.npy"), "<f4", &[1, 1, 1, D], &[0u8; 8]);
     check(decode_cmd(d).arg("--q").arg(d.join("short.npy")), &["short.npy", "needs"]);
     // Wrong dtype and rank.
-    check(decode_cmd(d).arg("--q").arg(d.join("sl.npy")), &["sl.npy", "expected a float32 array"]);
+    check(decode_cmd(d).arg("--q").arg(d.join("sl.npy")), &["sl.npy", "got dtype '<i4'"]);
     write_f32(&d.join("q3.npy"), &[3, 2, D], &vec![0.0; 6 * D]);
     check(decode_cmd(d).arg("--q").arg(d.join("q3.npy")), &["q3.npy", "[b, s_q, h_q, 576]", "[3, 2, 576]"]);
     // Mismatched batch.
@@ -225,7 +225,7 @@ fn error_messages_name_the_file_and_the_problem() {
     // Options.
     check(decode_cmd(d).args(["--descale-q", "2"]), &["--descale-q", "e4m3 only"]);
     check(decode_cmd(d).args(["--dtype", "int8"]), &["--dtype", "int8"]);
-    check(bin().args(["decode", "--q", "x.npy"]), &["--kv-cache is required"]);
+    check(bin().args(["decode", "--q", "x.npy"]), &["--kv-cache", "are required"]);
     check(decode_cmd(d).args(["--backend", "tpu"]), &["backend", "tpu"]);
     check(decode_cmd(d).arg("--q").arg(d.join("missing.npy")), &["missing.npy", "cannot read"]);
     std::fs::remove_dir_all(d).ok();

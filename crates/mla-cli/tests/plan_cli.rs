@@ -13,31 +13,26 @@ fn flashmla(args: &[&str]) -> (i32, String, String) {
     )
 }
 
-/// Pulls every integer out of `text` between `key` and the next top-level key.
-fn ints_after(text: &str, key: &str) -> Vec<i64> {
-    let start = text.find(key).unwrap_or_else(|| panic!("{key} missing in {text}")) + key.len();
-    let rest = &text[start..];
-    let end = rest.find("\"num_splits\"").filter(|_| key != "\"num_splits\":").unwrap_or(rest.len());
-    rest[..end]
-        .split(|c: char| !(c.is_ascii_digit() || c == '-'))
-        .filter(|s| !s.is_empty())
-        .map(|s| s.parse().unwrap())
-        .collect()
-}
-
 fn plan_via_cli(seqlens: &[i32], extra: &[&str]) -> (usize, Vec<PartMetadata>, Vec<i32>) {
     let list = seqlens.iter().map(|s| s.to_string()).collect::<Vec<_>>().join(",");
     let mut args = vec!["plan", "--seqlens", &list, "--json"];
     args.extend_from_slice(extra);
     let (code, stdout, stderr) = flashmla(&args);
     assert_eq!(code, 0, "stderr: {stderr}");
-    assert!(stdout.starts_with("{\"num_sm_parts\": "), "{stdout}");
-    assert!(stdout.contains(", \"tile_scheduler_metadata\": [["), "{stdout}");
-    let p = ints_after(&stdout, "\"num_sm_parts\":")[0] as usize;
-    let words = ints_after(&stdout, "\"tile_scheduler_metadata\":");
-    assert_eq!(words.len(), p * 8);
-    let parts = words.chunks(8).map(|w| PartMetadata::from_words(std::array::from_fn(|i| w[i] as i32))).collect();
-    let splits = ints_after(&stdout, "\"num_splits\":").into_iter().map(|x| x as i32).collect();
+    assert_eq!(stdout.lines().count(), 1, "one line: {stdout}");
+    let j: serde_json::Value = serde_json::from_str(&stdout).unwrap_or_else(|e| panic!("{e}: {stdout}"));
+    let p = j["num_sm_parts"].as_u64().unwrap() as usize;
+    let rows = j["tile_scheduler_metadata"].as_array().unwrap();
+    assert_eq!(rows.len(), p);
+    let parts = rows
+        .iter()
+        .map(|r| {
+            let w = r.as_array().unwrap();
+            assert_eq!(w.len(), 8);
+            PartMetadata::from_words(std::array::from_fn(|i| w[i].as_i64().unwrap() as i32))
+        })
+        .collect();
+    let splits = j["num_splits"].as_array().unwrap().iter().map(|x| x.as_i64().unwrap() as i32).collect();
     (p, parts, splits)
 }
 
@@ -86,6 +81,9 @@ fn table_output_and_bad_arguments() {
         (vec!["plan", "--seqlens-file", "/nonexistent.npy"], "/nonexistent.npy"),
         (vec!["plan", "--seqlens", "1", "--bogus", "2"], "--bogus"),
         (vec!["frobnicate"], "frobnicate"),
+        (vec!["plna", "--seqlens", "1"], "did you mean `plan`?"),
+        (vec!["plan", "--seqlens", "1", "--num-sm", "8"], "did you mean `--num-sms`?"),
+        (vec!["plan", "--seqlens", "1", "--seqlens-file", "x.npy"], "exclusive"),
     ] {
         let (code, stdout, stderr) = flashmla(&args);
         assert_eq!(code, 2, "{args:?}");
