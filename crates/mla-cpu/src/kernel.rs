@@ -62,12 +62,12 @@ unsafe impl Sync for SharedPtr {}
 /// Byte address of an element of a strided tensor.
 fn elem_addr(t: &TensorDesc, idx: &[usize]) -> SharedPtr {
     let off: i64 = idx.iter().zip(t.stride_slice()).map(|(&i, &s)| i as i64 * s).sum();
-    SharedPtr((t.data as *mut u8).wrapping_offset((off * t.dtype.size_bytes() as i64) as isize))
+    SharedPtr((t.data() as *mut u8).wrapping_offset((off * t.dtype().size_bytes() as i64) as isize))
 }
 
 /// Everything a unit needs, shared read-only by all units.
 struct Ctx<'a> {
-    args: &'a DecodeArgs,
+    args: &'a DecodeArgs<'a>,
     prob: &'a DecodeProblem,
     prep: &'a Prepared,
     isa: Isa,
@@ -128,10 +128,10 @@ pub(crate) fn run(args: &DecodeArgs, prob: &DecodeProblem, prep: &Prepared, isa:
 unsafe fn write_out_row(ctx: &Ctx, i: usize, t: usize, h: usize, o: &[f32], lse: f32) {
     let out = &ctx.args.out;
     let base = elem_addr(out, &[i, t, h, 0]).0;
-    let stride = out.strides[3] as usize;
+    let stride = out.stride_slice()[3] as usize;
     // SAFETY: (i, t, h, d) is inside the validated out shape; this unit owns the row.
     unsafe {
-        match out.dtype {
+        match out.dtype() {
             ScalarType::F16 => {
                 for (d, &x) in o.iter().enumerate() {
                     base.cast::<u16>().add(d * stride).write_unaligned(f32_to_f16(x));

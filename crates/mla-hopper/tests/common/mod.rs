@@ -386,9 +386,12 @@ impl Gpu {
     }
 }
 
-/// A descriptor over a device buffer.
-pub fn desc(buf: &Buf, dtype: ScalarType, shape: &[i64], strides: &[i64]) -> TensorDesc {
-    TensorDesc::new(buf.ptr as *mut std::ffi::c_void, dtype, shape, strides, Device::Cuda(0)).expect("descriptor")
+/// A descriptor over a device buffer; it borrows the buffer.
+pub fn desc<'b>(buf: &'b Buf, dtype: ScalarType, shape: &[i64], strides: &[i64]) -> TensorDesc<'b> {
+    // SAFETY: every caller describes a buffer allocated on device 0 for (at least) this shape and these strides,
+    // and the descriptor borrows it.
+    unsafe { TensorDesc::from_raw(buf.ptr as *mut std::ffi::c_void, dtype, shape, strides, Device::Cuda(0)) }
+        .expect("descriptor")
 }
 
 /// Contiguous element strides.
@@ -441,7 +444,7 @@ impl DeviceProblem {
     }
 
     /// The metadata-step arguments.
-    pub fn metadata_args(&self, p: &Problem) -> mla_core::MetadataArgs {
+    pub fn metadata_args(&self, p: &Problem) -> mla_core::MetadataArgs<'_> {
         mla_core::MetadataArgs {
             cache_seqlens: desc(&self.seqlens, ScalarType::I32, &[p.b as i64], &[1]),
             q_seq_per_hk: p.q_seq_per_hk(),
@@ -452,7 +455,7 @@ impl DeviceProblem {
     }
 
     /// The decode-step arguments.
-    pub fn decode_args(&self, p: &Problem) -> DecodeArgs {
+    pub fn decode_args(&self, p: &Problem) -> DecodeArgs<'_> {
         let dt = p.dtype.scalar();
         let q_shape = [p.b as i64, p.s_q as i64, p.h_q as i64, D_K as i64];
         let k_shape = [p.num_blocks as i64, PAGE as i64, p.h_kv as i64, D_K as i64];
