@@ -18,6 +18,7 @@ use common::*;
 use cudarc::driver::sys;
 use mla_core::{DType, Device, MlaBackend, Stream, TensorDesc, Workspace};
 use mla_hopper::HopperBackend;
+use mla_testkit::cos_diff;
 
 fn backend_or_skip(test: &str) -> Option<(HopperBackend, Gpu)> {
     match HopperBackend::new(0) {
@@ -38,16 +39,6 @@ fn quick() -> bool {
 
 fn bf16_or_f16_to_f32(dtype: DType, bits: u16) -> f32 {
     if dtype == DType::F16 { mla_core::dtype::f16_to_f32(bits) } else { mla_core::dtype::bf16_to_f32(bits) }
-}
-
-/// Upstream's cosine distance: `1 − 2 Σxy / Σ(x² + y²)`.
-fn cos_diff(a: &[f64], b: &[f64]) -> f64 {
-    let (mut xy, mut sq) = (0f64, 0f64);
-    for (x, y) in a.iter().zip(b) {
-        xy += x * y;
-        sq += x * x + y * y;
-    }
-    if sq < 1e-12 { 0.0 } else { 1.0 - 2.0 * xy / sq }
 }
 
 /// Per-case outcome.
