@@ -65,10 +65,8 @@ pub struct Workspace<'a> {
     _memory: PhantomData<&'a mut [u8]>,
 }
 
-// SAFETY: as for `TensorDesc`: an address valid for `'a` from any thread, by construction.
-unsafe impl Send for Workspace<'_> {}
-// SAFETY: as above.
-unsafe impl Sync for Workspace<'_> {}
+// Neither `Send` nor `Sync`, for the reason given at `TensorDesc`: a `Copy` workspace on two threads could be
+// handed to two concurrent calls.
 
 impl<'a> Workspace<'a> {
     /// No workspace (enough for shapes whose [`MlaBackend::workspace_size`] is 0).

@@ -35,7 +35,7 @@ impl fmt::Display for Device {
     }
 }
 
-/// A strided view of memory owned by someone else, valid for the lifetime `'a`.
+/// A strided view of memory owned by someone else, valid for the lifetime `'a`; usable on the thread that made it.
 ///
 /// A descriptor can only be made in two ways: safely from a borrowed host slice ([`HostTensor`],
 /// [`HostTensorMut`]), whose borrow `'a` keeps the memory alive and checked in bounds; or through the `unsafe`
@@ -63,12 +63,11 @@ pub struct TensorDesc<'a> {
     _memory: PhantomData<&'a ()>,
 }
 
-// SAFETY: a descriptor is an address plus metadata, and its constructors' contracts (or the borrow of a host view)
-// make the memory valid for `'a` from any thread; whoever dereferences it (a backend, after validation) is
-// responsible for synchronisation, exactly as with a DLPack tensor.
-unsafe impl Send for TensorDesc<'_> {}
-// SAFETY: as above; shared references only read the metadata.
-unsafe impl Sync for TensorDesc<'_> {}
+// Deliberately neither `Send` nor `Sync` (the raw pointer field opts out): a descriptor is `Copy`, so a writable one
+// shared with or copied to another thread could be handed to two concurrent calls, which would then write the same
+// memory at once, a data race in safe code. A caller that has made sure no two calls overlap (the C ABI's and the
+// Python extension's callers promise it) may wrap its arguments in its own `Send` type, with a `// SAFETY:` saying
+// why; backends that fan a call out over threads do the same internally.
 
 impl<'a> TensorDesc<'a> {
     /// A descriptor with explicit strides, from an address. Fails if more than [`MAX_NDIM`] dimensions or

@@ -162,8 +162,9 @@ impl MlaBackend for CpuBackend {
     fn decode_validated(&self, v: &ValidatedDecode, _stream: Stream) -> Result<()> {
         let (args, prob, workspace) = (v.args(), v.problem(), v.workspace());
         let prep = prepare::prepare(args, prob, workspace)?;
-        let ws = kernel::SharedPtr(workspace.ptr().cast::<u8>());
-        self.install(|| kernel::run(args, prob, &prep, self.isa, ws));
+        let (ws, isa, prep) = (kernel::SharedPtr(workspace.ptr().cast::<u8>()), self.isa, &prep);
+        let args = kernel::SharedArgs(args);
+        self.install(move || kernel::run(args, prob, prep, isa, ws));
         Ok(())
     }
 }
