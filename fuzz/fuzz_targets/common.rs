@@ -8,7 +8,7 @@
 #![allow(dead_code)]
 
 /// Bytes of each argument's arena.
-pub const ARENA_BYTES: usize = 1 << 16;
+pub const ARENA_BYTES: usize = 1 << 17;
 /// Argument slots: q, k_cache, block_table, cache_seqlens, metadata, num_splits, descale_q, descale_k, out, lse.
 pub const SLOTS: usize = 10;
 
