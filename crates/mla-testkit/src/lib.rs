@@ -192,6 +192,14 @@ impl Elems {
         }
     }
 
+    /// The stored bytes, little-endian (what a C or device buffer of this tensor holds).
+    pub fn to_le_bytes(&self) -> Vec<u8> {
+        match self {
+            Elems::Bf16(v) | Elems::F16(v) => v.iter().flat_map(|x| x.to_le_bytes()).collect(),
+            Elems::E4M3(v) => v.clone(),
+        }
+    }
+
     /// Element `i` decoded to f64 (the stored value, before any descale).
     pub fn get(&self, dtype: DType, i: usize) -> f64 {
         match self {
