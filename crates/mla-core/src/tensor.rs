@@ -2,10 +2,11 @@
 //!
 //! A [`TensorDesc`] is what crosses every boundary: a data pointer, an element type, up to four dimensions with
 //! strides counted in elements (as DLPack's `DLTensor`), and the device the memory lives on. It owns nothing and
-//! checks nothing by itself; [`crate::validate`] checks a whole problem at once.
+//! checks nothing by itself; [`crate::validate_decode`] checks a whole problem at once.
 //!
-//! Rust callers with host data should build descriptors through [`HostTensor`] / [`HostTensorMut`], which borrow a
-//! slice and check that every addressed element lies inside it.
+//! Rust callers with host data build descriptors through [`HostTensor`] / [`HostTensorMut`], which borrow a slice
+//! and check that every addressed element lies inside it; everything else (device memory, C pointers) enters
+//! through the `unsafe` [`TensorDesc::from_raw`] and its contract.
 
 use std::ffi::c_void;
 use std::fmt;

@@ -11,7 +11,7 @@
 //! | [`Rng`] | SplitMix64, seeded: every case is reproducible from its seed |
 //! | [`Case`] / [`Problem`] | a problem description and its generated host data |
 //! | [`run_host`] | `get_mla_metadata` + `workspace_size` + `decode` on a host backend |
-//! | [`reference`] | naive float64 attention from the definition (no online softmax, no splits) |
+//! | [`reference()`] | naive float64 attention from the definition (no online softmax, no splits) |
 //! | [`Tol`], [`check_close`], [`cos_diff`] | anomaly positions equal, elementwise abs-or-rel, then `cos_diff` |
 //! | [`digest`] | FNV-1a of the bits of `out` and `lse`, for snapshots of bitwise-deterministic backends |
 //! | [`for_each_backend`] | runs a test body on every backend that opens here and passes a capability filter |
