@@ -3,7 +3,7 @@
 
 use mla_core::DType;
 use mla_cpu::{CpuBackend, CpuOptions, Isa};
-use mla_integration::{Case, Outputs, Problem, run_host};
+use mla_testkit::{Case, Outputs, Problem, run_host};
 
 fn run(p: &Problem, threads: usize, isa: Isa) -> Outputs {
     let be = CpuBackend::with_options(CpuOptions { threads: Some(threads), isa: Some(isa) }).unwrap();

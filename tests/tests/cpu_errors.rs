@@ -4,7 +4,7 @@
 
 use mla_core::MlaBackend;
 use mla_cpu::CpuBackend;
-use mla_integration::{Buffers, Case, Problem, UNUSED_PAGE};
+use mla_testkit::{Buffers, Case, Problem, UNUSED_PAGE};
 
 fn setup() -> (CpuBackend, Problem, Buffers) {
     let mut c = Case::new(&[150, 0, 700, 64], 1, 4);

@@ -6,7 +6,7 @@
 
 use mla_core::DType;
 use mla_cpu::CpuBackend;
-use mla_integration::{Case, Problem, Rng, check_against_reference, run_host};
+use mla_testkit::{Case, Problem, Rng, check_against_reference, run_host};
 
 fn check(case: &Case) {
     let be = CpuBackend::new();

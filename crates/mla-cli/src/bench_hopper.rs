@@ -341,9 +341,11 @@ impl Dev {
     }
 
     /// A contiguous descriptor over `s`.
-    fn desc<T>(&self, s: &CudaSlice<T>, dtype: ScalarType, shape: &[usize]) -> CliResult<TensorDesc> {
+    fn desc<'s, T>(&self, s: &'s CudaSlice<T>, dtype: ScalarType, shape: &[usize]) -> CliResult<TensorDesc<'s>> {
         let shape: Vec<i64> = shape.iter().map(|&d| d as i64).collect();
-        Ok(TensorDesc::contiguous(self.ptr(s), dtype, &shape, self.device)?)
+        // SAFETY: every caller allocates `s` on this device for (at least) the shape's elements of `dtype`, and the
+        // descriptor borrows `s`, so it cannot outlive the allocation.
+        Ok(unsafe { TensorDesc::from_raw_contiguous(self.ptr(s), dtype, &shape, self.device) }?)
     }
 
     /// Calls `f(i)` (which enqueues work on the default stream) `iters` times after as many warm-up calls (at
@@ -481,12 +483,13 @@ fn measure(
     let splits = dev.stream.clone_dtoh(&num_splits).map_err(cuda)?[b].max(0) as usize;
     let fp8 = dtype == DType::E4M3;
     // `descales` holds [descale_q, descale_k]; each view is one element of it.
-    let descale = |i: usize| -> CliResult<Option<TensorDesc>> {
+    let descale = |i: usize| -> CliResult<Option<TensorDesc<'_>>> {
         if !fp8 {
             return Ok(None);
         }
         let p = dev.ptr(&caches.descales).cast::<f32>().wrapping_add(i).cast();
-        Ok(Some(TensorDesc::contiguous(p, ScalarType::F32, &[1], dev.device)?))
+        // SAFETY: element `i` (0 or 1) of the two-float `descales` buffer, which outlives every use of `args`.
+        Ok(Some(unsafe { TensorDesc::from_raw_contiguous(p, ScalarType::F32, &[1], dev.device) }?))
     };
     let args: Vec<DecodeArgs> = (0..opts.sets)
         .map(|set| {
@@ -507,7 +510,8 @@ fn measure(
             })
         })
         .collect::<CliResult<_>>()?;
-    let ws = Workspace { ptr: dev.ptr(&workspace), bytes: workspace.len() };
+    // SAFETY: a device buffer of `workspace.len()` bytes that outlives the timing loop and nothing else uses.
+    let ws = unsafe { Workspace::from_raw(dev.ptr(&workspace), workspace.len(), dev.device) };
     let (ms, min_ms) = dev.time_ms(opts.iters, |i| Ok(be.decode(&args[i % opts.sets], ws, Stream::DEFAULT)?))?;
     Ok(Measured { ms, min_ms, sched_ms, splits })
 }

@@ -107,9 +107,13 @@ impl<'a> CudaRun<'a> {
         }
     }
 
-    fn desc(&self, ptr: *mut std::ffi::c_void, dtype: ScalarType, shape: &[usize]) -> CliResult<TensorDesc> {
+    /// A descriptor of `ptr`, which must point into one of this run's buffers (allocated for exactly these
+    /// shapes); the descriptor borrows the run, so the buffers outlive it.
+    fn desc(&self, ptr: *mut std::ffi::c_void, dtype: ScalarType, shape: &[usize]) -> CliResult<TensorDesc<'_>> {
         let shape: Vec<i64> = shape.iter().map(|&d| d as i64).collect();
-        Ok(TensorDesc::contiguous(ptr, dtype, &shape, self.device)?)
+        // SAFETY: every caller passes the address of one of this run's device buffers on `self.device`, allocated
+        // with the element count of `shape`, and the descriptor cannot outlive `&self` (which owns the buffers).
+        Ok(unsafe { TensorDesc::from_raw_contiguous(ptr, dtype, &shape, self.device) }?)
     }
 
     fn metadata_step(&mut self) -> CliResult {
@@ -130,7 +134,7 @@ impl<'a> CudaRun<'a> {
     pub fn decode(&mut self) -> CliResult<Duration> {
         let p = self.problem;
         let (b, dt) = (p.batch, p.dtype);
-        let descale = |i: usize| -> CliResult<Option<TensorDesc>> {
+        let descale = |i: usize| -> CliResult<Option<TensorDesc<'_>>> {
             if dt != DType::E4M3 {
                 return Ok(None);
             }
@@ -157,7 +161,8 @@ impl<'a> CudaRun<'a> {
             out: self.desc(self.ptr(&self.out), dt.out_dtype(), &[b, p.s_q, p.h_q, HEAD_DIM_V])?,
             lse: self.desc(self.ptr(&self.lse), ScalarType::F32, &[b, p.h_q, p.s_q])?,
         };
-        let ws = Workspace { ptr: self.ptr(&self.workspace), bytes: self.workspace.len() };
+        // SAFETY: the run's own device buffer of `workspace.len()` bytes, used by nothing else during the call.
+        let ws = unsafe { Workspace::from_raw(self.ptr(&self.workspace), self.workspace.len(), self.device) };
         let timing = Some(sys::CUevent_flags::CU_EVENT_DEFAULT);
         let start = self.stream.record_event(timing).map_err(cuda)?;
         self.backend.decode(&args, ws, Stream::DEFAULT)?;

@@ -12,22 +12,39 @@
 //! On GPU backends neither call allocates or synchronises with the host, so both can be captured in a CUDA graph.
 
 use std::ffi::c_void;
+use std::marker::PhantomData;
 
 use crate::dtype::DType;
 use crate::error::Result;
-use crate::problem::{DecodeArgs, DecodeShape, HEAD_DIM_K, HEAD_DIM_V, MetadataArgs};
+use crate::problem::{
+    DecodeArgs, DecodeShape, HEAD_DIM_K, HEAD_DIM_V, MetadataArgs, ValidatedDecode, ValidatedMetadata, validate_decode,
+};
 use crate::scheduler;
 use crate::splitkv::WorkspaceLayout;
-use crate::tensor::Device;
+use crate::tensor::{Device, Element};
 
 /// An opaque stream handle (`cudaStream_t` / `CUstream` on CUDA backends; ignored by the CPU backend).
-/// The null handle is the device's legacy default stream.
+/// The null handle ([`Stream::DEFAULT`]) is the device's legacy default stream.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Stream(pub *mut c_void);
+pub struct Stream(*mut c_void);
 
 impl Stream {
     /// The default stream.
     pub const DEFAULT: Stream = Stream(std::ptr::null_mut());
+
+    /// A stream from a raw handle.
+    ///
+    /// # Safety
+    /// `handle` is null or a live stream of the CUDA context the backend runs in, and stays live until the work
+    /// enqueued on it has finished. (The CPU backend never uses it.)
+    pub unsafe fn from_raw(handle: *mut c_void) -> Stream {
+        Stream(handle)
+    }
+
+    /// The raw handle.
+    pub fn as_raw(&self) -> *mut c_void {
+        self.0
+    }
 }
 
 // SAFETY: a stream handle is an opaque token; CUDA stream handles may be used from any thread.
@@ -35,18 +52,57 @@ unsafe impl Send for Stream {}
 // SAFETY: as above.
 unsafe impl Sync for Stream {}
 
-/// A caller-owned scratch buffer on the backend's device.
+/// A caller-owned scratch buffer on the backend's device, valid for `'a`.
+///
+/// Made safely from a borrowed host slice ([`Workspace::host`]) or, for device memory, through the `unsafe`
+/// [`Workspace::from_raw`]. Its size is checked against [`MlaBackend::workspace_size`] once, by
+/// [`MlaBackend::decode`].
 #[derive(Clone, Copy, Debug)]
-pub struct Workspace {
-    /// Start address (may be null when `bytes` is 0).
-    pub ptr: *mut c_void,
-    /// Size in bytes.
-    pub bytes: usize,
+pub struct Workspace<'a> {
+    ptr: *mut c_void,
+    bytes: usize,
+    device: Device,
+    _memory: PhantomData<&'a mut [u8]>,
 }
 
-impl Workspace {
-    /// No workspace.
-    pub const EMPTY: Workspace = Workspace { ptr: std::ptr::null_mut(), bytes: 0 };
+// Neither `Send` nor `Sync`, for the reason given at `TensorDesc`: a `Copy` workspace on two threads could be
+// handed to two concurrent calls.
+
+impl<'a> Workspace<'a> {
+    /// No workspace (enough for shapes whose [`MlaBackend::workspace_size`] is 0).
+    pub const EMPTY: Workspace<'static> =
+        Workspace { ptr: std::ptr::null_mut(), bytes: 0, device: Device::Host, _memory: PhantomData };
+
+    /// A workspace from an address.
+    ///
+    /// # Safety
+    /// For all of `'a`, `bytes` bytes from `ptr` lie in one live allocation on `device`, valid for reads and
+    /// writes, that nothing else reads or writes while a call using the workspace runs (on a GPU: until the work
+    /// enqueued by the call has finished). `ptr` may be null only when `bytes` is 0.
+    pub unsafe fn from_raw(ptr: *mut c_void, bytes: usize, device: Device) -> Workspace<'a> {
+        Workspace { ptr, bytes, device, _memory: PhantomData }
+    }
+
+    /// A workspace borrowing a host slice (a `Vec<f32>` gives the 4-byte alignment the CPU backend needs).
+    pub fn host<T: Element>(buf: &'a mut [T]) -> Workspace<'a> {
+        let bytes = std::mem::size_of_val(buf);
+        Workspace { ptr: buf.as_mut_ptr().cast(), bytes, device: Device::Host, _memory: PhantomData }
+    }
+
+    /// Start address (null when empty).
+    pub fn ptr(&self) -> *mut c_void {
+        self.ptr
+    }
+
+    /// Size in bytes.
+    pub fn bytes(&self) -> usize {
+        self.bytes
+    }
+
+    /// Where the memory lives.
+    pub fn device(&self) -> Device {
+        self.device
+    }
 }
 
 /// Which KV-cache page sizes a backend accepts.
@@ -117,7 +173,16 @@ pub trait MlaBackend: Send + Sync {
 
     /// The scheduler step: reads `cache_seqlens` where they live and writes `tile_scheduler_metadata` and
     /// `num_splits` (all on this backend's device). Computed once per decoding step, reused by every layer.
-    fn get_mla_metadata(&self, args: &MetadataArgs, stream: Stream) -> Result<()>;
+    ///
+    /// Validates every argument once ([`crate::validate_metadata`]) and hands the result to
+    /// [`MlaBackend::metadata_validated`]; backends implement that, not this.
+    fn get_mla_metadata(&self, args: &MetadataArgs, stream: Stream) -> Result<()> {
+        let v = ValidatedMetadata::new(args, self.capabilities())?;
+        self.metadata_validated(&v, stream)
+    }
+
+    /// The scheduler step on arguments already validated against this backend's capabilities.
+    fn metadata_validated(&self, v: &ValidatedMetadata, stream: Stream) -> Result<()>;
 
     /// Bytes of workspace [`MlaBackend::decode`] needs for this shape.
     fn workspace_size(&self, shape: &DecodeShape) -> Result<usize> {
@@ -127,7 +192,18 @@ pub trait MlaBackend: Send + Sync {
 
     /// The decode step: split-KV attention plus combine, writing `out` and `lse`.
     ///
-    /// On GPU backends this enqueues work on `stream` and returns; it performs no allocation and no host
+    /// Validates every argument and the workspace (size from [`MlaBackend::workspace_size`], device, no overlap)
+    /// once and hands the result to [`MlaBackend::decode_validated`]; backends implement that, not this. On GPU
+    /// backends this enqueues work on `stream` and returns; it performs no allocation and no host
     /// synchronisation.
-    fn decode(&self, args: &DecodeArgs, workspace: Workspace, stream: Stream) -> Result<()>;
+    fn decode(&self, args: &DecodeArgs, workspace: Workspace, stream: Stream) -> Result<()> {
+        let problem = validate_decode(args, self.capabilities())?;
+        let need = self.workspace_size(&problem.shape)?;
+        let v = ValidatedDecode::new(args, problem, workspace, need, self.capabilities())?;
+        self.decode_validated(&v, stream)
+    }
+
+    /// The decode step on arguments and a workspace already validated against this backend: only
+    /// device-specific checks remain (alignment, say).
+    fn decode_validated(&self, v: &ValidatedDecode, stream: Stream) -> Result<()>;
 }

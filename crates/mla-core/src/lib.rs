@@ -29,9 +29,9 @@ pub use backend::{Capabilities, MlaBackend, PageSizes, Stream, Workspace};
 pub use dtype::{DType, E4M3, ScalarType};
 pub use error::{Error, Result};
 pub use problem::{
-    DecodeArgs, DecodeProblem, DecodeShape, HEAD_DIM_K, HEAD_DIM_V, MetadataArgs, default_softmax_scale,
-    validate_decode, validate_metadata,
+    DecodeArgs, DecodeProblem, DecodeShape, HEAD_DIM_K, HEAD_DIM_V, MetadataArgs, ValidatedDecode, ValidatedMetadata,
+    default_softmax_scale, validate_decode, validate_metadata,
 };
 pub use scheduler::{PartMetadata, SchedulePlan};
 pub use splitkv::WorkspaceLayout;
-pub use tensor::{Device, HostTensor, HostTensorMut, TensorDesc};
+pub use tensor::{Device, Element, HostTensor, HostTensorMut, TensorDesc};

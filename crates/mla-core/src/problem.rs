@@ -14,7 +14,7 @@
 //!
 //! Every check produces [`Error::InvalidArgument`] naming the argument, the expected and the actual value.
 
-use crate::backend::Capabilities;
+use crate::backend::{Capabilities, Workspace};
 use crate::dtype::{DType, ScalarType};
 use crate::error::{Error, Result};
 use crate::scheduler::{self, METADATA_WORDS};
@@ -59,50 +59,51 @@ impl DecodeShape {
     }
 }
 
-/// Arguments of the scheduler step.
+/// Arguments of the scheduler step; `'a` is the lifetime of the memory its descriptors point at.
 #[derive(Clone, Copy, Debug)]
-pub struct MetadataArgs {
+pub struct MetadataArgs<'a> {
     /// `[b]` i32 sequence lengths.
-    pub cache_seqlens: TensorDesc,
+    pub cache_seqlens: TensorDesc<'a>,
     /// `s_q · h_q / h_kv` (upstream's `num_heads_per_head_k`).
     pub q_seq_per_hk: usize,
     /// KV heads (upstream's `num_heads_k`).
     pub h_kv: usize,
     /// Output `[num_sm_parts, 8]` i32.
-    pub tile_scheduler_metadata: TensorDesc,
+    pub tile_scheduler_metadata: TensorDesc<'a>,
     /// Output `[b + 1]` i32.
-    pub num_splits: TensorDesc,
+    pub num_splits: TensorDesc<'a>,
 }
 
-/// Arguments of the decode step (upstream's `flash_mla_with_kvcache`, plus the outputs).
+/// Arguments of the decode step (upstream's `flash_mla_with_kvcache`, plus the outputs); `'a` is the lifetime of
+/// the memory its descriptors point at.
 #[derive(Clone, Copy, Debug)]
-pub struct DecodeArgs {
+pub struct DecodeArgs<'a> {
     /// Queries `[b, s_q, h_q, 576]`.
-    pub q: TensorDesc,
+    pub q: TensorDesc<'a>,
     /// Paged cache `[num_blocks, page_size, h_kv, 576]`.
-    pub k_cache: TensorDesc,
+    pub k_cache: TensorDesc<'a>,
     /// Page ids `[b, max_blocks_per_seq]` i32.
-    pub block_table: TensorDesc,
+    pub block_table: TensorDesc<'a>,
     /// `[b]` i32.
-    pub cache_seqlens: TensorDesc,
+    pub cache_seqlens: TensorDesc<'a>,
     /// Must be 512.
     pub head_dim_v: usize,
     /// From the scheduler step.
-    pub tile_scheduler_metadata: TensorDesc,
+    pub tile_scheduler_metadata: TensorDesc<'a>,
     /// From the scheduler step.
-    pub num_splits: TensorDesc,
+    pub num_splits: TensorDesc<'a>,
     /// `None`: `576^-0.5`.
     pub softmax_scale: Option<f32>,
     /// Bottom-right aligned causal mask (ignored when `s_q == 1`).
     pub causal: bool,
     /// `[1]` f32, e4m3 only: real q = q · descale_q.
-    pub descale_q: Option<TensorDesc>,
+    pub descale_q: Option<TensorDesc<'a>>,
     /// `[1]` f32, e4m3 only: real k (and v) = k · descale_k.
-    pub descale_k: Option<TensorDesc>,
+    pub descale_k: Option<TensorDesc<'a>>,
     /// Output `[b, s_q, h_q, 512]`.
-    pub out: TensorDesc,
+    pub out: TensorDesc<'a>,
     /// Output `[b, h_q, s_q]` f32, natural log.
-    pub lse: TensorDesc,
+    pub lse: TensorDesc<'a>,
 }
 
 /// A validated decode problem.
@@ -125,32 +126,32 @@ pub struct DecodeProblem {
 }
 
 fn check_ndim(name: &str, t: &TensorDesc, n: usize, what: &str) -> Result<()> {
-    if t.ndim != n {
+    if t.ndim() != n {
         return Err(Error::invalid(
             format!("{name}.ndim"),
             format!("{n} dims {what}"),
-            format!("{} dims {}", t.ndim, t.shape_string()),
+            format!("{} dims {}", t.ndim(), t.shape_string()),
         ));
     }
     Ok(())
 }
 
 fn check_dtype(name: &str, t: &TensorDesc, want: ScalarType) -> Result<()> {
-    if t.dtype != want {
-        return Err(Error::invalid(format!("{name}.dtype"), want, t.dtype));
+    if t.dtype() != want {
+        return Err(Error::invalid(format!("{name}.dtype"), want, t.dtype()));
     }
     Ok(())
 }
 
 fn check_dim(name: &str, t: &TensorDesc, i: usize, want: usize) -> Result<()> {
-    if t.shape[i] != want as i64 {
-        return Err(Error::invalid(format!("{name}.shape[{i}]"), want, t.shape[i]));
+    if t.dims()[i] != want as i64 {
+        return Err(Error::invalid(format!("{name}.shape[{i}]"), want, t.dims()[i]));
     }
     Ok(())
 }
 
 fn positive_dim(name: &str, t: &TensorDesc, i: usize, what: &str) -> Result<usize> {
-    let d = t.shape[i];
+    let d = t.dims()[i];
     if d < 1 {
         return Err(Error::invalid(format!("{name}.shape[{i}]"), format!("{what} >= 1"), d));
     }
@@ -158,12 +159,12 @@ fn positive_dim(name: &str, t: &TensorDesc, i: usize, what: &str) -> Result<usiz
 }
 
 fn check_last_contiguous(name: &str, t: &TensorDesc) -> Result<()> {
-    let last = t.ndim - 1;
-    if t.shape[last] > 1 && t.strides[last] != 1 {
+    let last = t.ndim() - 1;
+    if t.dims()[last] > 1 && t.stride_slice()[last] != 1 {
         return Err(Error::invalid(
             format!("{name}.strides[{last}]"),
             "1 (contiguous last dimension)",
-            t.strides[last],
+            t.stride_slice()[last],
         ));
     }
     Ok(())
@@ -174,7 +175,7 @@ fn check_contiguous(name: &str, t: &TensorDesc) -> Result<()> {
         let want = crate::tensor::contiguous_strides(t.dims());
         return Err(Error::invalid(
             format!("{name}.strides"),
-            format!("{:?} (contiguous)", &want[..t.ndim]),
+            format!("{:?} (contiguous)", &want[..t.ndim()]),
             format!("{:?}", t.stride_slice()),
         ));
     }
@@ -183,8 +184,8 @@ fn check_contiguous(name: &str, t: &TensorDesc) -> Result<()> {
 
 /// Device, null pointer, negative stride and size-overflow checks shared by every tensor.
 fn check_memory(name: &str, t: &TensorDesc, device: Device) -> Result<()> {
-    if t.device != device {
-        return Err(Error::invalid(format!("{name}.device"), device, t.device));
+    if t.device() != device {
+        return Err(Error::invalid(format!("{name}.device"), device, t.device()));
     }
     if let Some((i, s)) = t.stride_slice().iter().enumerate().find(|(_, s)| **s < 0) {
         return Err(Error::invalid(format!("{name}.strides[{i}]"), "a stride >= 0", s));
@@ -192,15 +193,68 @@ fn check_memory(name: &str, t: &TensorDesc, device: Device) -> Result<()> {
     if let Some((i, d)) = t.dims().iter().enumerate().find(|(_, d)| **d < 0) {
         return Err(Error::invalid(format!("{name}.shape[{i}]"), "an extent >= 0", d));
     }
-    let extent = t.extent_elements().and_then(|e| e.checked_mul(t.dtype.size_bytes() as i64)).ok_or_else(|| {
+    let extent = t.extent_elements().and_then(|e| e.checked_mul(t.dtype().size_bytes() as i64)).ok_or_else(|| {
         Error::invalid(
             name,
             "a byte extent that fits in 63 bits",
             format!("shape {} strides {:?}", t.shape_string(), t.stride_slice()),
         )
     })?;
-    if extent > 0 && t.data.is_null() {
+    if extent > 0 && t.data().is_null() {
         return Err(Error::invalid(format!("{name}.data"), "a non-null pointer", "null"));
+    }
+    if t.byte_range().is_none() {
+        return Err(Error::invalid(format!("{name}.data"), "an address range inside the address space", "an overflow"));
+    }
+    Ok(())
+}
+
+/// An output must be writable: a [`crate::HostTensor`] view borrows its slice shared, so writing through it would
+/// be undefined behaviour.
+fn check_writable(name: &str, t: &TensorDesc) -> Result<()> {
+    if !t.is_writable() {
+        return Err(Error::invalid(
+            name,
+            "a writable tensor (HostTensorMut or TensorDesc::from_raw)",
+            "a read-only view (HostTensor)",
+        ));
+    }
+    Ok(())
+}
+
+/// The bytes a memory argument addresses, for the overlap check (empty ranges never overlap).
+struct Region<'n> {
+    name: &'n str,
+    range: (usize, usize),
+    written: bool,
+}
+
+impl<'n> Region<'n> {
+    fn of(name: &'n str, t: &TensorDesc, written: bool) -> Self {
+        // check_memory has run on every tensor, so the range exists; an empty one never overlaps.
+        Region { name, range: t.byte_range().unwrap_or((0, 0)), written }
+    }
+}
+
+/// No memory the call writes may overlap any other argument's memory: the backends write outputs while reading
+/// inputs, from many threads, and a copied writable descriptor must not alias itself in two roles.
+fn check_disjoint(regions: &[Region]) -> Result<()> {
+    for (k, a) in regions.iter().enumerate() {
+        for b in &regions[k + 1..] {
+            let overlap =
+                a.range.0 < a.range.1 && b.range.0 < b.range.1 && a.range.0 < b.range.1 && b.range.0 < a.range.1;
+            if overlap && (a.written || b.written) {
+                let (w, other) = if a.written { (a, b) } else { (b, a) };
+                return Err(Error::invalid(
+                    w.name,
+                    format!("memory disjoint from `{}` (it is written)", other.name),
+                    format!(
+                        "bytes {:#x}..{:#x} overlapping {:#x}..{:#x}",
+                        w.range.0, w.range.1, other.range.0, other.range.1
+                    ),
+                ));
+            }
+        }
     }
     Ok(())
 }
@@ -230,6 +284,17 @@ fn check_metadata_buffers(
     check_index_vector("num_splits", splits, batch + 1, device)
 }
 
+/// The metadata buffers are outputs of the scheduler step.
+fn check_metadata_outputs(args: &MetadataArgs) -> Result<()> {
+    check_writable("tile_scheduler_metadata", &args.tile_scheduler_metadata)?;
+    check_writable("num_splits", &args.num_splits)?;
+    check_disjoint(&[
+        Region::of("cache_seqlens", &args.cache_seqlens, false),
+        Region::of("tile_scheduler_metadata", &args.tile_scheduler_metadata, true),
+        Region::of("num_splits", &args.num_splits, true),
+    ])
+}
+
 /// Validates the scheduler step; returns the batch size and `num_sm_parts`.
 pub fn validate_metadata(args: &MetadataArgs, caps: &Capabilities) -> Result<(usize, usize)> {
     let device = caps.device;
@@ -245,7 +310,28 @@ pub fn validate_metadata(args: &MetadataArgs, caps: &Capabilities) -> Result<(us
     }
     let parts = scheduler::num_sm_parts(caps.sm_count, args.q_seq_per_hk, args.h_kv);
     check_metadata_buffers(&args.tile_scheduler_metadata, &args.num_splits, batch, parts, device)?;
+    check_metadata_outputs(args)?;
     Ok((batch, parts))
+}
+
+/// Every memory argument of a decode call, outputs marked.
+fn decode_regions<'n>(args: &DecodeArgs) -> Vec<Region<'n>> {
+    let mut r = vec![
+        Region::of("q", &args.q, false),
+        Region::of("k_cache", &args.k_cache, false),
+        Region::of("block_table", &args.block_table, false),
+        Region::of("cache_seqlens", &args.cache_seqlens, false),
+        Region::of("tile_scheduler_metadata", &args.tile_scheduler_metadata, false),
+        Region::of("num_splits", &args.num_splits, false),
+        Region::of("out", &args.out, true),
+        Region::of("lse", &args.lse, true),
+    ];
+    for (name, d) in [("descale_q", &args.descale_q), ("descale_k", &args.descale_k)] {
+        if let Some(t) = d {
+            r.push(Region::of(name, t, false));
+        }
+    }
+    r
 }
 
 /// Validates a decode call against a backend's capabilities.
@@ -258,7 +344,7 @@ pub fn validate_decode(args: &DecodeArgs, caps: &Capabilities) -> Result<DecodeP
     // q: [b, s_q, h_q, 576]
     let q = &args.q;
     check_ndim("q", q, 4, "[b, s_q, h_q, 576]")?;
-    let dtype = q.dtype.as_input().ok_or_else(|| Error::invalid("q.dtype", "bf16, fp16 or e4m3", q.dtype))?;
+    let dtype = q.dtype().as_input().ok_or_else(|| Error::invalid("q.dtype", "bf16, fp16 or e4m3", q.dtype()))?;
     if !caps.dtypes.contains(&dtype) {
         let names: Vec<&str> = caps.dtypes.iter().map(|d| d.name()).collect();
         return Err(Error::invalid("q.dtype", format!("one of {names:?} on backend `{}`", caps.backend), dtype));
@@ -273,8 +359,8 @@ pub fn validate_decode(args: &DecodeArgs, caps: &Capabilities) -> Result<DecodeP
     // k_cache: [num_blocks, page_size, h_kv, 576]
     let k = &args.k_cache;
     check_ndim("k_cache", k, 4, "[num_blocks, page_size, h_kv, 576]")?;
-    if k.dtype != q.dtype {
-        return Err(Error::invalid("k_cache.dtype", format!("{} (the dtype of q)", q.dtype), k.dtype));
+    if k.dtype() != q.dtype() {
+        return Err(Error::invalid("k_cache.dtype", format!("{} (the dtype of q)", q.dtype()), k.dtype()));
     }
     let num_blocks = positive_dim("k_cache", k, 0, "num_blocks")?;
     let page_size = positive_dim("k_cache", k, 1, "page_size")?;
@@ -298,7 +384,7 @@ pub fn validate_decode(args: &DecodeArgs, caps: &Capabilities) -> Result<DecodeP
     check_ndim("block_table", bt, 2, "[b, max_blocks_per_seq]")?;
     check_dtype("block_table", bt, ScalarType::I32)?;
     check_dim("block_table", bt, 0, batch)?;
-    let max_blocks_per_seq = bt.shape[1].max(0) as usize;
+    let max_blocks_per_seq = bt.dims()[1].max(0) as usize;
     check_last_contiguous("block_table", bt)?;
     check_memory("block_table", bt, device)?;
 
@@ -353,6 +439,10 @@ pub fn validate_decode(args: &DecodeArgs, caps: &Capabilities) -> Result<DecodeP
     check_dim("lse", lse, 2, s_q)?;
     check_memory("lse", lse, device)?;
 
+    check_writable("out", out)?;
+    check_writable("lse", lse)?;
+    check_disjoint(&decode_regions(args))?;
+
     Ok(DecodeProblem {
         shape,
         page_size,
@@ -362,4 +452,111 @@ pub fn validate_decode(args: &DecodeArgs, caps: &Capabilities) -> Result<DecodeP
         causal: args.causal && s_q > 1,
         num_sm_parts,
     })
+}
+
+/// Checks the workspace of a decode call: size (against the backend's `workspace_size`), address, device, and that
+/// it overlaps no tensor of the call.
+fn check_workspace(args: &DecodeArgs, ws: &Workspace, need: usize, device: Device) -> Result<()> {
+    if ws.bytes() < need {
+        return Err(Error::invalid(
+            "workspace_bytes",
+            format!(">= {need} (workspace_size for this shape)"),
+            ws.bytes(),
+        ));
+    }
+    if need == 0 {
+        return Ok(());
+    }
+    if ws.ptr().is_null() {
+        return Err(Error::invalid("workspace", format!("a non-null pointer to {need} bytes"), "NULL"));
+    }
+    if ws.device() != device {
+        return Err(Error::invalid("workspace.device", device, ws.device()));
+    }
+    let start = ws.ptr() as usize;
+    let end = start.checked_add(ws.bytes()).ok_or_else(|| {
+        Error::invalid(
+            "workspace",
+            "an address range inside the address space",
+            format!("{:p} + {}", ws.ptr(), ws.bytes()),
+        )
+    })?;
+    let mut regions = decode_regions(args);
+    regions.push(Region { name: "workspace", range: (start, end), written: true });
+    check_disjoint(&regions)
+}
+
+/// A scheduler-step call that passed [`validate_metadata`] against the capabilities of the backend it is handed
+/// to. Only [`crate::MlaBackend::get_mla_metadata`] makes one, so a backend's
+/// [`crate::MlaBackend::metadata_validated`] may rely on every check (shapes, dtypes, devices, writable and
+/// disjoint outputs) without repeating it.
+#[derive(Debug)]
+pub struct ValidatedMetadata<'a> {
+    args: MetadataArgs<'a>,
+    batch: usize,
+    num_sm_parts: usize,
+}
+
+impl<'a> ValidatedMetadata<'a> {
+    /// Validates `args` against `caps`.
+    pub(crate) fn new(args: &MetadataArgs<'a>, caps: &Capabilities) -> Result<Self> {
+        let (batch, num_sm_parts) = validate_metadata(args, caps)?;
+        Ok(ValidatedMetadata { args: *args, batch, num_sm_parts })
+    }
+
+    /// The arguments.
+    pub fn args(&self) -> &MetadataArgs<'a> {
+        &self.args
+    }
+
+    /// Requests (`cache_seqlens.shape[0]`).
+    pub fn batch(&self) -> usize {
+        self.batch
+    }
+
+    /// Rows of `tile_scheduler_metadata`.
+    pub fn num_sm_parts(&self) -> usize {
+        self.num_sm_parts
+    }
+}
+
+/// A decode call that passed [`validate_decode`] and the workspace checks against the backend it is handed to.
+/// Only [`crate::MlaBackend::decode`] makes one, so a backend's [`crate::MlaBackend::decode_validated`] may rely on
+/// every descriptor check and on a workspace of at least its `workspace_size` bytes on its device, disjoint from
+/// every tensor; it adds only its own device-specific checks (alignment, say).
+#[derive(Debug)]
+pub struct ValidatedDecode<'a> {
+    args: DecodeArgs<'a>,
+    problem: DecodeProblem,
+    workspace: Workspace<'a>,
+}
+
+impl<'a> ValidatedDecode<'a> {
+    /// Validates `args` against `caps` and the workspace against `workspace_bytes_needed` (the backend's
+    /// `workspace_size` for the validated shape, computed by the caller).
+    pub(crate) fn new(
+        args: &DecodeArgs<'a>,
+        problem: DecodeProblem,
+        workspace: Workspace<'a>,
+        workspace_bytes_needed: usize,
+        caps: &Capabilities,
+    ) -> Result<Self> {
+        check_workspace(args, &workspace, workspace_bytes_needed, caps.device)?;
+        Ok(ValidatedDecode { args: *args, problem, workspace })
+    }
+
+    /// The arguments.
+    pub fn args(&self) -> &DecodeArgs<'a> {
+        &self.args
+    }
+
+    /// The validated problem (shape, page size, scale, `num_sm_parts`, …).
+    pub fn problem(&self) -> &DecodeProblem {
+        &self.problem
+    }
+
+    /// The workspace (at least `workspace_size` bytes on the backend's device).
+    pub fn workspace(&self) -> Workspace<'a> {
+        self.workspace
+    }
 }

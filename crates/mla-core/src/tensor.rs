@@ -2,10 +2,11 @@
 //!
 //! A [`TensorDesc`] is what crosses every boundary: a data pointer, an element type, up to four dimensions with
 //! strides counted in elements (as DLPack's `DLTensor`), and the device the memory lives on. It owns nothing and
-//! checks nothing by itself; [`crate::validate`] checks a whole problem at once.
+//! checks nothing by itself; [`crate::validate_decode`] checks a whole problem at once.
 //!
-//! Rust callers with host data should build descriptors through [`HostTensor`] / [`HostTensorMut`], which borrow a
-//! slice and check that every addressed element lies inside it.
+//! Rust callers with host data build descriptors through [`HostTensor`] / [`HostTensorMut`], which borrow a slice
+//! and check that every addressed element lies inside it; everything else (device memory, C pointers) enters
+//! through the `unsafe` [`TensorDesc::from_raw`] and its contract.
 
 use std::ffi::c_void;
 use std::fmt;
@@ -35,32 +36,84 @@ impl fmt::Display for Device {
     }
 }
 
-/// A strided view of memory owned by someone else.
+/// A strided view of memory owned by someone else, valid for the lifetime `'a`; usable on the thread that made it.
+///
+/// A descriptor can only be made in two ways: safely from a borrowed host slice ([`HostTensor`],
+/// [`HostTensorMut`]), whose borrow `'a` keeps the memory alive and checked in bounds; or through the `unsafe`
+/// constructors [`TensorDesc::from_raw`] / [`TensorDesc::from_raw_contiguous`], whose caller promises the same
+/// (the natural boundary of the C ABI and of device memory). Its fields are private, so safe code can neither make
+/// one from an address nor point an existing one elsewhere; every backend can therefore dereference a descriptor
+/// that [`crate::validate_decode`] accepted.
 #[derive(Clone, Copy, Debug)]
-pub struct TensorDesc {
+pub struct TensorDesc<'a> {
     /// Address of element `[0, 0, …]`.
-    pub data: *mut c_void,
+    data: *mut c_void,
     /// Element type.
-    pub dtype: ScalarType,
+    dtype: ScalarType,
     /// Number of dimensions in use (`shape[..ndim]`).
-    pub ndim: usize,
-    /// Extents; entries past `ndim` are ignored.
-    pub shape: [i64; MAX_NDIM],
-    /// Strides in elements; entries past `ndim` are ignored.
-    pub strides: [i64; MAX_NDIM],
+    ndim: usize,
+    /// Extents; entries past `ndim` are 0.
+    shape: [i64; MAX_NDIM],
+    /// Strides in elements; entries past `ndim` are 0.
+    strides: [i64; MAX_NDIM],
     /// Where the memory lives.
-    pub device: Device,
+    device: Device,
+    /// May a backend write through it? False for views of shared borrows ([`HostTensor`]); validation refuses
+    /// such a descriptor as an output.
+    writable: bool,
+    _memory: PhantomData<&'a ()>,
 }
 
-// SAFETY: a descriptor is a plain address plus metadata; it grants no access by itself. Whoever dereferences it
-// (a backend, after validation) is responsible for synchronisation, exactly as with a DLPack tensor.
-unsafe impl Send for TensorDesc {}
-// SAFETY: as above; shared references only read the metadata.
-unsafe impl Sync for TensorDesc {}
+// Deliberately neither `Send` nor `Sync` (the raw pointer field opts out): a descriptor is `Copy`, so a writable one
+// shared with or copied to another thread could be handed to two concurrent calls, which would then write the same
+// memory at once, a data race in safe code. A caller that has made sure no two calls overlap (the C ABI's and the
+// Python extension's callers promise it) may wrap its arguments in its own `Send` type, with a `// SAFETY:` saying
+// why; backends that fan a call out over threads do the same internally.
 
-impl TensorDesc {
-    /// A descriptor with explicit strides. Fails if more than [`MAX_NDIM`] dimensions or mismatched lengths.
-    pub fn new(data: *mut c_void, dtype: ScalarType, shape: &[i64], strides: &[i64], device: Device) -> Result<Self> {
+impl<'a> TensorDesc<'a> {
+    /// A descriptor with explicit strides, from an address. Fails if more than [`MAX_NDIM`] dimensions or
+    /// mismatched lengths. Nothing else is checked here: [`crate::validate_decode`] checks a whole problem at once.
+    ///
+    /// # Safety
+    /// Unless the descriptor is only inspected and never passed to a backend, for all of `'a`:
+    /// - every element addressed by `shape` and `strides` (offsets `Σ index_i · stride_i` elements of `dtype` from
+    ///   `data`) lies in one allocation on `device` that stays live and is valid for reads;
+    /// - if the descriptor is passed as an output (`out`, `lse`, `tile_scheduler_metadata`, `num_splits`), that
+    ///   memory is also valid for writes, and nothing else reads or writes it during the call;
+    /// - on a CUDA device, the memory belongs to the context the backend runs in (or is accessible from it).
+    pub unsafe fn from_raw(
+        data: *mut c_void,
+        dtype: ScalarType,
+        shape: &[i64],
+        strides: &[i64],
+        device: Device,
+    ) -> Result<Self> {
+        Self::build(data, dtype, shape, strides, device, true)
+    }
+
+    /// A row-major contiguous descriptor, from an address.
+    ///
+    /// # Safety
+    /// As [`TensorDesc::from_raw`], with row-major strides.
+    pub unsafe fn from_raw_contiguous(
+        data: *mut c_void,
+        dtype: ScalarType,
+        shape: &[i64],
+        device: Device,
+    ) -> Result<Self> {
+        let strides = contiguous_strides(shape);
+        let n = shape.len().min(MAX_NDIM);
+        Self::build(data, dtype, shape, &strides[..n], device, true)
+    }
+
+    fn build(
+        data: *mut c_void,
+        dtype: ScalarType,
+        shape: &[i64],
+        strides: &[i64],
+        device: Device,
+        writable: bool,
+    ) -> Result<Self> {
         if shape.len() > MAX_NDIM || shape.len() != strides.len() {
             return Err(Error::invalid(
                 "tensor.ndim",
@@ -68,24 +121,52 @@ impl TensorDesc {
                 format!("{} dims and {} strides", shape.len(), strides.len()),
             ));
         }
-        let mut d = TensorDesc { data, dtype, ndim: shape.len(), shape: [0; MAX_NDIM], strides: [0; MAX_NDIM], device };
+        let mut d = TensorDesc {
+            data,
+            dtype,
+            ndim: shape.len(),
+            shape: [0; MAX_NDIM],
+            strides: [0; MAX_NDIM],
+            device,
+            writable,
+            _memory: PhantomData,
+        };
         d.shape[..shape.len()].copy_from_slice(shape);
         d.strides[..strides.len()].copy_from_slice(strides);
         Ok(d)
     }
 
-    /// A row-major contiguous descriptor.
-    pub fn contiguous(data: *mut c_void, dtype: ScalarType, shape: &[i64], device: Device) -> Result<Self> {
-        let strides = contiguous_strides(shape);
-        Self::new(data, dtype, shape, &strides[..shape.len()], device)
+    /// Address of element `[0, 0, …]` (reading the address is safe; dereferencing it is the backend's business).
+    pub fn data(&self) -> *mut c_void {
+        self.data
     }
 
-    /// The used part of `shape`.
+    /// Element type.
+    pub fn dtype(&self) -> ScalarType {
+        self.dtype
+    }
+
+    /// Number of dimensions.
+    pub fn ndim(&self) -> usize {
+        self.ndim
+    }
+
+    /// Where the memory lives.
+    pub fn device(&self) -> Device {
+        self.device
+    }
+
+    /// May a backend write through this descriptor? (False for [`HostTensor`] views.)
+    pub fn is_writable(&self) -> bool {
+        self.writable
+    }
+
+    /// The extents (`ndim` of them).
     pub fn dims(&self) -> &[i64] {
         &self.shape[..self.ndim]
     }
 
-    /// The used part of `strides`.
+    /// The strides in elements (`ndim` of them).
     pub fn stride_slice(&self) -> &[i64] {
         &self.strides[..self.ndim]
     }
@@ -115,6 +196,14 @@ impl TensorDesc {
             last = last.checked_add((d - 1).checked_mul(s)?)?;
         }
         last.checked_add(1)
+    }
+
+    /// The addressed bytes `[start, end)` (empty for an empty tensor), or `None` on overflow or a negative
+    /// extent/stride.
+    pub fn byte_range(&self) -> Option<(usize, usize)> {
+        let bytes = self.extent_elements()?.checked_mul(self.dtype.size_bytes() as i64)?;
+        let start = self.data as usize;
+        Some((start, start.checked_add(usize::try_from(bytes).ok()?)?))
     }
 
     /// Formats the shape as `[a, b, c]` for messages.
@@ -156,13 +245,20 @@ impl Element for i32 {
     const SCALAR: ScalarType = ScalarType::I32;
 }
 
-fn host_desc<T: Element>(ptr: *mut T, len: usize, shape: &[usize], strides: Option<&[usize]>) -> Result<TensorDesc> {
+/// A descriptor of `len` elements at `ptr`, checked to address only those. The caller ties it to its borrow.
+fn host_desc<'a, T: Element>(
+    ptr: *mut T,
+    len: usize,
+    shape: &[usize],
+    strides: Option<&[usize]>,
+    writable: bool,
+) -> Result<TensorDesc<'a>> {
     let shape_i: Vec<i64> = shape.iter().map(|&d| d as i64).collect();
     let strides_i: Vec<i64> = match strides {
         Some(s) => s.iter().map(|&d| d as i64).collect(),
         None => contiguous_strides(&shape_i)[..shape.len()].to_vec(),
     };
-    let desc = TensorDesc::new(ptr.cast(), T::SCALAR, &shape_i, &strides_i, Device::Host)?;
+    let desc = TensorDesc::build(ptr.cast(), T::SCALAR, &shape_i, &strides_i, Device::Host, writable)?;
     let extent = desc
         .extent_elements()
         .ok_or_else(|| Error::invalid("host view", "a shape whose extent fits in i64", desc.shape_string()))?;
@@ -176,11 +272,11 @@ fn host_desc<T: Element>(ptr: *mut T, len: usize, shape: &[usize], strides: Opti
     Ok(desc)
 }
 
-/// A read-only tensor borrowed from a host slice; every addressed element is inside the slice.
+/// A read-only tensor borrowed from a host slice; every addressed element is inside the slice, and its descriptor
+/// cannot outlive the borrow.
 #[derive(Clone, Copy, Debug)]
 pub struct HostTensor<'a> {
-    desc: TensorDesc,
-    _borrow: PhantomData<&'a [u8]>,
+    desc: TensorDesc<'a>,
 }
 
 impl<'a> HostTensor<'a> {
@@ -191,21 +287,21 @@ impl<'a> HostTensor<'a> {
 
     /// View with explicit element strides (`None`: row-major).
     pub fn strided<T: Element>(data: &'a [T], shape: &[usize], strides: Option<&[usize]>) -> Result<Self> {
-        let desc = host_desc(data.as_ptr().cast_mut(), data.len(), shape, strides)?;
-        Ok(HostTensor { desc, _borrow: PhantomData })
+        let desc = host_desc(data.as_ptr().cast_mut(), data.len(), shape, strides, false)?;
+        Ok(HostTensor { desc })
     }
 
-    /// The descriptor to pass to a backend.
-    pub fn desc(&self) -> TensorDesc {
+    /// The descriptor to pass to a backend (read-only: refused as an output).
+    pub fn desc(&self) -> TensorDesc<'a> {
         self.desc
     }
 }
 
-/// A writable tensor borrowed from a host slice; every addressed element is inside the slice.
+/// A writable tensor borrowed from a host slice; every addressed element is inside the slice, and its descriptor
+/// cannot outlive the borrow.
 #[derive(Debug)]
 pub struct HostTensorMut<'a> {
-    desc: TensorDesc,
-    _borrow: PhantomData<&'a mut [u8]>,
+    desc: TensorDesc<'a>,
 }
 
 impl<'a> HostTensorMut<'a> {
@@ -216,12 +312,13 @@ impl<'a> HostTensorMut<'a> {
 
     /// View with explicit element strides (`None`: row-major).
     pub fn strided<T: Element>(data: &'a mut [T], shape: &[usize], strides: Option<&[usize]>) -> Result<Self> {
-        let desc = host_desc(data.as_mut_ptr(), data.len(), shape, strides)?;
-        Ok(HostTensorMut { desc, _borrow: PhantomData })
+        let desc = host_desc(data.as_mut_ptr(), data.len(), shape, strides, true)?;
+        Ok(HostTensorMut { desc })
     }
 
-    /// The descriptor to pass to a backend.
-    pub fn desc(&self) -> TensorDesc {
+    /// The descriptor to pass to a backend (writable). Validation refuses an output that overlaps any other tensor
+    /// of the call, so copies of it cannot alias.
+    pub fn desc(&self) -> TensorDesc<'a> {
         self.desc
     }
 }
@@ -244,13 +341,24 @@ mod tests {
         assert!(err.to_string().contains("at least 28 elements"), "{err}");
     }
 
+    /// A descriptor that is only inspected, never passed to a backend.
+    fn inspect(shape: &[i64], strides: &[i64]) -> TensorDesc<'static> {
+        // SAFETY: the descriptor is never dereferenced (only its extent is computed).
+        unsafe { TensorDesc::from_raw(std::ptr::null_mut(), ScalarType::F32, shape, strides, Device::Host) }.unwrap()
+    }
+
     #[test]
     fn extent_detects_overflow_and_negatives() {
-        let d = TensorDesc::new(std::ptr::null_mut(), ScalarType::F32, &[i64::MAX, 2], &[2, 1], Device::Host).unwrap();
-        assert_eq!(d.extent_elements(), None);
-        let d = TensorDesc::new(std::ptr::null_mut(), ScalarType::F32, &[3], &[-1], Device::Host).unwrap();
-        assert_eq!(d.extent_elements(), None);
-        let d = TensorDesc::new(std::ptr::null_mut(), ScalarType::F32, &[0, 7], &[7, 1], Device::Host).unwrap();
-        assert_eq!(d.extent_elements(), Some(0));
+        assert_eq!(inspect(&[i64::MAX, 2], &[2, 1]).extent_elements(), None);
+        assert_eq!(inspect(&[3], &[-1]).extent_elements(), None);
+        assert_eq!(inspect(&[0, 7], &[7, 1]).extent_elements(), Some(0));
+        assert_eq!(inspect(&[2, 3], &[3, 1]).byte_range(), Some((0, 24)));
+    }
+
+    #[test]
+    fn shared_views_are_read_only() {
+        let mut v = vec![0f32; 6];
+        assert!(!HostTensor::new(&v, &[6]).unwrap().desc().is_writable());
+        assert!(HostTensorMut::new(&mut v, &[2, 3]).unwrap().desc().is_writable());
     }
 }

@@ -62,12 +62,22 @@ unsafe impl Sync for SharedPtr {}
 /// Byte address of an element of a strided tensor.
 fn elem_addr(t: &TensorDesc, idx: &[usize]) -> SharedPtr {
     let off: i64 = idx.iter().zip(t.stride_slice()).map(|(&i, &s)| i as i64 * s).sum();
-    SharedPtr((t.data as *mut u8).wrapping_offset((off * t.dtype.size_bytes() as i64) as isize))
+    SharedPtr((t.data() as *mut u8).wrapping_offset((off * t.dtype().size_bytes() as i64) as isize))
 }
+
+/// The arguments of one decode call, shared by that call's workers.
+#[derive(Clone, Copy)]
+pub(crate) struct SharedArgs<'a>(pub(crate) &'a DecodeArgs<'a>);
+// SAFETY: descriptors are neither Send nor Sync so that safe code cannot hand one writable output to two concurrent
+// calls. Inside this one call the workers read the descriptors' metadata and the inputs, and write disjoint output
+// and workspace rows (prepare's coverage validation), so sharing the arguments between them races on nothing.
+unsafe impl Send for SharedArgs<'_> {}
+// SAFETY: as above.
+unsafe impl Sync for SharedArgs<'_> {}
 
 /// Everything a unit needs, shared read-only by all units.
 struct Ctx<'a> {
-    args: &'a DecodeArgs,
+    args: SharedArgs<'a>,
     prob: &'a DecodeProblem,
     prep: &'a Prepared,
     isa: Isa,
@@ -81,7 +91,7 @@ struct Ctx<'a> {
 }
 
 /// Runs the whole decode (validation already done by `prepare`).
-pub(crate) fn run(args: &DecodeArgs, prob: &DecodeProblem, prep: &Prepared, isa: Isa, ws: SharedPtr) {
+pub(crate) fn run(args: SharedArgs, prob: &DecodeProblem, prep: &Prepared, isa: Isa, ws: SharedPtr) {
     let ws = ws.0;
     let (dq, dk) = prep.descale;
     let (score_scale, out_scale) = match prob.shape.dtype {
@@ -126,12 +136,12 @@ pub(crate) fn run(args: &DecodeArgs, prob: &DecodeProblem, prep: &Prepared, isa:
 /// # Safety
 /// `out`/`lse` rows (i, t, h) belong to the calling unit alone.
 unsafe fn write_out_row(ctx: &Ctx, i: usize, t: usize, h: usize, o: &[f32], lse: f32) {
-    let out = &ctx.args.out;
+    let out = &ctx.args.0.out;
     let base = elem_addr(out, &[i, t, h, 0]).0;
-    let stride = out.strides[3] as usize;
+    let stride = out.stride_slice()[3] as usize;
     // SAFETY: (i, t, h, d) is inside the validated out shape; this unit owns the row.
     unsafe {
-        match out.dtype {
+        match out.dtype() {
             ScalarType::F16 => {
                 for (d, &x) in o.iter().enumerate() {
                     base.cast::<u16>().add(d * stride).write_unaligned(f32_to_f16(x));
@@ -143,7 +153,7 @@ unsafe fn write_out_row(ctx: &Ctx, i: usize, t: usize, h: usize, o: &[f32], lse:
                 }
             }
         }
-        elem_addr(&ctx.args.lse, &[i, h, t]).0.cast::<f32>().write_unaligned(lse);
+        elem_addr(&ctx.args.0.lse, &[i, h, t]).0.cast::<f32>().write_unaligned(lse);
     }
 }
 
@@ -155,7 +165,7 @@ fn unit_keys(ctx: &Ctx, item: &WorkItem, g: usize, limit: usize) -> Vec<*const u
     let j_end =
         (item.end_block * BLOCK_SIZE_N).min(ctx.prep.seqlens[item.req] as usize).min(j_begin.saturating_add(limit));
     (j_begin..j_end)
-        .map(|j| elem_addr(&ctx.args.k_cache, &[pages[j / ps] as usize, j % ps, g, 0]).0 as *const u8)
+        .map(|j| elem_addr(&ctx.args.0.k_cache, &[pages[j / ps] as usize, j % ps, g, 0]).0 as *const u8)
         .collect()
 }
 
@@ -182,7 +192,7 @@ impl<'a> Unit<'a> {
         let mut q = vec![0f32; m * HEAD_DIM_K];
         for r in 0..m {
             let (t, h) = (r / hpk, g * hpk + r % hpk);
-            let row = elem_addr(&ctx.args.q, &[item.req, t, h, 0]).0;
+            let row = elem_addr(&ctx.args.0.q, &[item.req, t, h, 0]).0;
             // SAFETY: (i, t, h) is inside q's validated shape; the row's 576 elements are contiguous.
             unsafe { simd::widen_row(dt, row, &mut q[r * HEAD_DIM_K..][..HEAD_DIM_K]) };
         }

@@ -6,7 +6,7 @@
 //!
 //! | step | where | what |
 //! |---|---|---|
-//! | validate | [`mla_core::validate_decode`], `prepare` | every descriptor, length, page id, metadata row, workspace size: all before any write |
+//! | validate | [`MlaBackend::decode`] (descriptors, workspace), `prepare` | every descriptor, length, page id, metadata row, workspace size: all before any write |
 //! | schedule | the caller's `tile_scheduler_metadata` + `num_splits` (from [`MlaBackend::get_mla_metadata`]) | expanded by [`mla_core::scheduler::part_work`] into work items |
 //! | attend | `kernel` | one rayon task per (work item, KV head): online softmax over 64-token blocks |
 //! | combine | `kernel` | one rayon task per (split request, KV head): LSE merge of the workspace partials |
@@ -31,7 +31,7 @@ use std::sync::Arc;
 pub use simd::Isa;
 
 use mla_core::{
-    Capabilities, DType, DecodeArgs, Device, Error, MetadataArgs, MlaBackend, PageSizes, Result, Stream, Workspace,
+    Capabilities, DType, Device, Error, MlaBackend, PageSizes, Result, Stream, ValidatedDecode, ValidatedMetadata,
 };
 
 /// The `sm_count` the CPU backend reports: the scheduler's parallelism. Fixed (not the thread count) so that the
@@ -141,28 +141,30 @@ impl MlaBackend for CpuBackend {
         &self.caps
     }
 
-    fn get_mla_metadata(&self, args: &MetadataArgs, _stream: Stream) -> Result<()> {
-        let (batch, parts) = mla_core::validate_metadata(args, &self.caps)?;
-        // SAFETY: validation checked dtype i32, shape [batch], contiguity and non-null host memory; the caller of
-        // the trait guarantees the descriptor points at live memory of that extent.
-        let seqlens = unsafe { std::slice::from_raw_parts(args.cache_seqlens.data as *const i32, batch) };
+    fn metadata_validated(&self, v: &ValidatedMetadata, _stream: Stream) -> Result<()> {
+        let (args, batch, parts) = (v.args(), v.batch(), v.num_sm_parts());
+        // SAFETY: validation checked dtype i32, shape [batch], contiguity, non-null host memory and that the outputs
+        // are writable and overlap nothing; the descriptor's constructor (a borrowed host view, or the caller of the
+        // unsafe `TensorDesc::from_raw`) guarantees live memory of that extent.
+        let seqlens = unsafe { std::slice::from_raw_parts(args.cache_seqlens.data() as *const i32, batch) };
         let plan = mla_core::scheduler::plan(seqlens, parts)?;
         // SAFETY: as above for the two outputs, shapes [parts, 8] and [batch + 1], both contiguous.
         let (meta, splits) = unsafe {
             (
-                std::slice::from_raw_parts_mut(args.tile_scheduler_metadata.data as *mut i32, parts * 8),
-                std::slice::from_raw_parts_mut(args.num_splits.data as *mut i32, batch + 1),
+                std::slice::from_raw_parts_mut(args.tile_scheduler_metadata.data() as *mut i32, parts * 8),
+                std::slice::from_raw_parts_mut(args.num_splits.data() as *mut i32, batch + 1),
             )
         };
         plan.write_into(meta, splits)
     }
 
     /// Synchronous: returns when `out` and `lse` are written. On any error nothing has been written.
-    fn decode(&self, args: &DecodeArgs, workspace: Workspace, _stream: Stream) -> Result<()> {
-        let prob = mla_core::validate_decode(args, &self.caps)?;
-        let prep = prepare::prepare(args, &prob, workspace)?;
-        let ws = kernel::SharedPtr(workspace.ptr.cast::<u8>());
-        self.install(|| kernel::run(args, &prob, &prep, self.isa, ws));
+    fn decode_validated(&self, v: &ValidatedDecode, _stream: Stream) -> Result<()> {
+        let (args, prob, workspace) = (v.args(), v.problem(), v.workspace());
+        let prep = prepare::prepare(args, prob, workspace)?;
+        let (ws, isa, prep) = (kernel::SharedPtr(workspace.ptr().cast::<u8>()), self.isa, &prep);
+        let args = kernel::SharedArgs(args);
+        self.install(move || kernel::run(args, prob, prep, isa, ws));
         Ok(())
     }
 }

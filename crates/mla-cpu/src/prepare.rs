@@ -2,13 +2,13 @@
 //!
 //! | input | check | error names |
 //! |---|---|---|
-//! | descriptors | [`mla_core::validate_decode`] | the argument |
+//! | descriptors, workspace size and device | [`mla_core::MlaBackend::decode`] (once, before this) | the argument |
 //! | `cache_seqlens[i]` | `>= 0`, and `ceil(s_k / page_size) <= max_blocks_per_seq` | `cache_seqlens[i]` |
 //! | `block_table[i][p]`, `p < ceil(s_k / page_size)` | in `[0, num_blocks)`; entries past the last page are never read | `block_table[i][p]` |
 //! | `descale_q/k` | finite | `descale_q` / `descale_k` |
 //! | `num_splits` | `[0] = 0`, each request ≥ 1 split, total ≤ workspace rows | `num_splits[i]` |
 //! | `tile_scheduler_metadata` | fields in range; the parts cover every request's blocks exactly once, in order, each split once | `tile_scheduler_metadata[p]` |
-//! | workspace | ≥ [`mla_core::MlaBackend::workspace_size`] bytes, 4-byte aligned, non-null | `workspace` |
+//! | workspace | 4-byte aligned | `workspace.ptr` |
 //!
 //! The coverage check is what makes the parallel writes sound: every output row and every partial row is written
 //! by exactly one work unit.
@@ -39,13 +39,13 @@ pub(crate) struct Prepared {
 unsafe fn read_i32(t: &TensorDesc, idx: &[usize]) -> i32 {
     let off: i64 = idx.iter().zip(t.stride_slice()).map(|(&i, &s)| i as i64 * s).sum();
     // SAFETY: inside the validated extent (caller's contract).
-    unsafe { *(t.data as *const i32).offset(off as isize) }
+    unsafe { *(t.data() as *const i32).offset(off as isize) }
 }
 
 fn read_scale(name: &str, t: &Option<TensorDesc>) -> Result<f32> {
     let Some(t) = t else { return Ok(1.0) };
     // SAFETY: validate_decode checked a [1] f32 host tensor with a non-null pointer.
-    let v = unsafe { *(t.data as *const f32) };
+    let v = unsafe { *(t.data() as *const f32) };
     if !v.is_finite() {
         return Err(Error::invalid(name, "a finite value", v));
     }
@@ -98,20 +98,11 @@ pub(crate) fn prepare(args: &DecodeArgs, prob: &DecodeProblem, ws: Workspace) ->
 
     let descale = (read_scale("descale_q", &args.descale_q)?, read_scale("descale_k", &args.descale_k)?);
 
+    // The size, the address and the device of the workspace were checked by `MlaBackend::decode`; the partials
+    // are f32, hence the alignment.
     let layout = WorkspaceLayout::new(b, prob.shape.q_seq_per_hk(), prob.shape.h_kv, prob.num_sm_parts)?;
-    if ws.bytes < layout.total_bytes {
-        return Err(Error::invalid(
-            "workspace.bytes",
-            format!(">= {} (workspace_size for this shape)", layout.total_bytes),
-            ws.bytes,
-        ));
-    }
-    if ws.ptr.is_null() || !(ws.ptr as usize).is_multiple_of(4) {
-        return Err(Error::invalid(
-            "workspace.ptr",
-            "a non-null, 4-byte aligned host pointer",
-            format!("{:p}", ws.ptr),
-        ));
+    if !(ws.ptr() as usize).is_multiple_of(std::mem::align_of::<f32>()) {
+        return Err(Error::invalid("workspace.ptr", "a 4-byte aligned host pointer", format!("{:p}", ws.ptr())));
     }
 
     let num_splits: Vec<i32> = (0..=b)

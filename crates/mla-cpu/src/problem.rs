@@ -54,13 +54,6 @@ impl Elems {
             (Elems::U8(v), _) => E4M3_TO_F32[v[i] as usize],
         }
     }
-
-    fn ptr(&self) -> *mut std::ffi::c_void {
-        match self {
-            Elems::U16(v) => v.as_ptr().cast_mut().cast(),
-            Elems::U8(v) => v.as_ptr().cast_mut().cast(),
-        }
-    }
 }
 
 /// A decode problem whose data lives in host memory.
@@ -280,22 +273,30 @@ pub struct HostRun<'a> {
 }
 
 /// A descriptor of a buffer the backend only reads.
-fn desc<T>(v: &[T], dtype: ScalarType, shape: &[usize]) -> Result<TensorDesc> {
-    desc_ptr(v.as_ptr().cast_mut().cast(), v.len(), dtype, shape)
+fn desc<'b, T>(v: &'b [T], dtype: ScalarType, shape: &[usize]) -> Result<TensorDesc<'b>> {
+    check_len(v.len(), dtype, std::mem::size_of::<T>(), shape)?;
+    let shape: Vec<i64> = shape.iter().map(|&d| d as i64).collect();
+    // SAFETY: the slice holds exactly the contiguous shape's elements of `dtype` (checked above) and is borrowed
+    // for 'b; HostRun passes only these read-only buffers as inputs.
+    unsafe { TensorDesc::from_raw_contiguous(v.as_ptr().cast_mut().cast(), dtype, &shape, Device::Host) }
 }
 
 /// A descriptor of a buffer the backend writes (the pointer comes from a unique borrow).
-fn desc_mut<T>(v: &mut [T], dtype: ScalarType, shape: &[usize]) -> Result<TensorDesc> {
-    desc_ptr(v.as_mut_ptr().cast(), v.len(), dtype, shape)
+fn desc_mut<'b, T>(v: &'b mut [T], dtype: ScalarType, shape: &[usize]) -> Result<TensorDesc<'b>> {
+    check_len(v.len(), dtype, std::mem::size_of::<T>(), shape)?;
+    let shape: Vec<i64> = shape.iter().map(|&d| d as i64).collect();
+    // SAFETY: as in `desc`, and the slice is borrowed uniquely for 'b, so writes through it are allowed.
+    unsafe { TensorDesc::from_raw_contiguous(v.as_mut_ptr().cast(), dtype, &shape, Device::Host) }
 }
 
-fn desc_ptr(ptr: *mut std::ffi::c_void, len: usize, dtype: ScalarType, shape: &[usize]) -> Result<TensorDesc> {
+/// The buffer holds exactly the shape's elements, stored as `dtype` (the element type of the slice may be the
+/// bit pattern's integer type: `u16` for bf16/fp16, `u8` for e4m3).
+fn check_len(len: usize, dtype: ScalarType, elem_bytes: usize, shape: &[usize]) -> Result<()> {
     let need: usize = shape.iter().product();
-    if len != need {
-        return Err(Error::invalid("host buffer", format!("{need} elements for shape {shape:?}"), len));
+    if len != need || elem_bytes != dtype.size_bytes() {
+        return Err(Error::invalid("host buffer", format!("{need} elements of {dtype} for shape {shape:?}"), len));
     }
-    let shape: Vec<i64> = shape.iter().map(|&d| d as i64).collect();
-    TensorDesc::contiguous(ptr, dtype, &shape, Device::Host)
+    Ok(())
 }
 
 impl<'a> HostRun<'a> {
@@ -362,7 +363,7 @@ impl<'a> HostRun<'a> {
             out: desc_mut(&mut self.out, dt.out_dtype(), &[b, p.s_q, p.h_q, HEAD_DIM_V])?,
             lse: desc_mut(&mut self.lse, ScalarType::F32, &[b, p.h_q, p.s_q])?,
         };
-        let ws = Workspace { ptr: self.workspace.as_mut_ptr().cast(), bytes: self.workspace_bytes };
+        let ws = Workspace::host(&mut self.workspace[..self.workspace_bytes.div_ceil(4)]);
         self.backend.decode(&args, ws, Stream::DEFAULT)
     }
 
@@ -376,10 +377,10 @@ impl<'a> HostRun<'a> {
     }
 }
 
-fn desc_elems(e: &Elems, dt: DType, shape: &[usize]) -> Result<TensorDesc> {
-    let ok = matches!((e, dt), (Elems::U8(_), DType::E4M3) | (Elems::U16(_), DType::Bf16 | DType::F16));
-    if !ok {
-        return Err(Error::invalid("host buffer", format!("{dt} elements"), "another encoding"));
+fn desc_elems<'b>(e: &'b Elems, dt: DType, shape: &[usize]) -> Result<TensorDesc<'b>> {
+    match (e, dt) {
+        (Elems::U8(v), DType::E4M3) => desc(v, dt.scalar(), shape),
+        (Elems::U16(v), DType::Bf16 | DType::F16) => desc(v, dt.scalar(), shape),
+        _ => Err(Error::invalid("host buffer", format!("{dt} elements"), "another encoding")),
     }
-    desc_ptr(e.ptr(), e.len(), dt.scalar(), shape)
 }

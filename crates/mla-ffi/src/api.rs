@@ -362,7 +362,9 @@ pub unsafe extern "C" fn flashmla_get_mla_metadata(
             // SAFETY: forwarded caller guarantee.
             num_splits: unsafe { tensor_arg("num_splits", num_splits) }?,
         };
-        b.inner.get_mla_metadata(&args, Stream(stream))
+        // SAFETY: the caller guarantees a live stream of the backend's context (or NULL), per the ABI's contract.
+        let stream = unsafe { Stream::from_raw(stream) };
+        b.inner.get_mla_metadata(&args, stream)
     })
 }
 
@@ -430,17 +432,13 @@ pub unsafe extern "C" fn flashmla_with_kvcache(
                 lse: tensor_arg("lse", lse)?,
             }
         };
-        // Validating here (the backend validates again, cheaply, on the host) gives the problem shape, so the
-        // workspace is checked before any backend touches memory.
-        let problem = mla_core::validate_decode(&args, b.inner.capabilities())?;
+        // Only the integer conversion happens here: `MlaBackend::decode` validates the arguments and the workspace
+        // (size, address, device) once, before any backend touches memory.
         let bytes = size_arg("workspace_bytes", workspace_bytes)?;
-        let need = b.inner.workspace_size(&problem.shape)?;
-        if bytes < need {
-            return Err(Error::invalid("workspace_bytes", format!(">= {need} (flashmla_workspace_size)"), bytes));
-        }
-        if need > 0 && workspace.is_null() {
-            return Err(Error::invalid("workspace", format!("a non-null pointer to {need} bytes"), "NULL"));
-        }
-        b.inner.decode(&args, Workspace { ptr: workspace, bytes }, Stream(stream))
+        // SAFETY: the caller guarantees `workspace` valid for `workspace_bytes` bytes of the backend's device for
+        // the call (and a live stream, or NULL), per this function's contract.
+        let (workspace, stream) =
+            unsafe { (Workspace::from_raw(workspace, bytes, b.inner.capabilities().device), Stream::from_raw(stream)) };
+        b.inner.decode(&args, workspace, stream)
     })
 }

@@ -118,24 +118,32 @@ const _: () = assert!(std::mem::offset_of!(flashmla_tensor, shape) == 24);
 impl flashmla_tensor {
     /// The descriptor of a core tensor (for Rust callers and tests).
     pub fn from_desc(d: &TensorDesc) -> Self {
-        let (device_type, device_id) = match d.device {
+        let (device_type, device_id) = match d.device() {
             Device::Host => (flashmla_device_type::CPU as i32, 0),
             Device::Cuda(i) => (flashmla_device_type::CUDA as i32, i),
         };
+        let (mut shape, mut strides) = ([0; FLASHMLA_MAX_NDIM], [0; FLASHMLA_MAX_NDIM]);
+        shape[..d.ndim()].copy_from_slice(d.dims());
+        strides[..d.ndim()].copy_from_slice(d.stride_slice());
         flashmla_tensor {
-            data: d.data,
+            data: d.data(),
             device_type,
             device_id,
-            dtype: flashmla_dtype::of_scalar(d.dtype) as i32,
-            ndim: d.ndim as i32,
-            shape: d.shape,
-            strides: d.strides,
+            dtype: flashmla_dtype::of_scalar(d.dtype()) as i32,
+            ndim: d.ndim() as i32,
+            shape,
+            strides,
         }
     }
 
     /// Checks the fields this layer owns (ndim, dtype code, device) and converts; `name` is the argument's name.
-    /// Shapes, strides and pointers are checked by [`mla_core::validate_decode`] and friends.
-    pub fn to_desc(&self, name: &str) -> Result<TensorDesc> {
+    /// Shapes, strides and pointers are checked once, by [`mla_core::MlaBackend::decode`] and friends.
+    ///
+    /// # Safety
+    /// As [`TensorDesc::from_raw`] for `'a`: the memory this descriptor describes is live and valid for reads (and
+    /// for writes if it is passed as an output) until the call using it returns (on a GPU: until the work
+    /// enqueued by it has finished). This is the C caller's contract, stated on every function of the ABI.
+    pub unsafe fn to_desc<'a>(&self, name: &str) -> Result<TensorDesc<'a>> {
         let ndim = usize::try_from(self.ndim)
             .ok()
             .filter(|n| *n <= FLASHMLA_MAX_NDIM)
@@ -160,18 +168,21 @@ impl flashmla_tensor {
                 return Err(Error::invalid(format!("{name}.device_type"), "1 (kDLCPU) or 2 (kDLCUDA)", other));
             }
         };
-        TensorDesc::new(self.data, dtype.scalar(), &self.shape[..ndim], &self.strides[..ndim], device)
+        // SAFETY: forwarded from this function's contract.
+        unsafe { TensorDesc::from_raw(self.data, dtype.scalar(), &self.shape[..ndim], &self.strides[..ndim], device) }
     }
 }
 
 /// Reads and converts a required tensor argument.
 ///
 /// # Safety
-/// `t` is NULL or points to a readable `flashmla_tensor`.
-pub(crate) unsafe fn tensor_arg(name: &str, t: *const flashmla_tensor) -> Result<TensorDesc> {
+/// `t` is NULL or points to a readable `flashmla_tensor` that satisfies [`flashmla_tensor::to_desc`]'s contract
+/// for `'a`.
+pub(crate) unsafe fn tensor_arg<'a>(name: &str, t: *const flashmla_tensor) -> Result<TensorDesc<'a>> {
     // SAFETY: the caller guarantees `t` is NULL or valid; every bit pattern of the plain fields is a valid value.
     match unsafe { t.as_ref() } {
-        Some(t) => t.to_desc(name),
+        // SAFETY: forwarded caller guarantee about the described memory.
+        Some(t) => unsafe { t.to_desc(name) },
         None => Err(Error::invalid(name, "a non-null flashmla_tensor pointer", "NULL")),
     }
 }
@@ -179,10 +190,10 @@ pub(crate) unsafe fn tensor_arg(name: &str, t: *const flashmla_tensor) -> Result
 /// Reads and converts an optional tensor argument (NULL means absent).
 ///
 /// # Safety
-/// `t` is NULL or points to a readable `flashmla_tensor`.
-pub(crate) unsafe fn optional_tensor_arg(name: &str, t: *const flashmla_tensor) -> Result<Option<TensorDesc>> {
+/// As [`tensor_arg`].
+pub(crate) unsafe fn optional_tensor_arg<'a>(name: &str, t: *const flashmla_tensor) -> Result<Option<TensorDesc<'a>>> {
     // SAFETY: as in `tensor_arg`.
-    unsafe { t.as_ref() }.map(|t| t.to_desc(name)).transpose()
+    unsafe { t.as_ref() }.map(|t| unsafe { t.to_desc(name) }).transpose()
 }
 
 #[cfg(test)]
@@ -201,18 +212,24 @@ mod tests {
         }
     }
 
+    /// Converts a descriptor that these tests only inspect.
+    fn convert(t: flashmla_tensor) -> Result<TensorDesc<'static>> {
+        // SAFETY: the descriptor is never passed to a backend, so its (null) memory is never touched.
+        unsafe { t.to_desc("x") }
+    }
+
     fn err(t: flashmla_tensor) -> String {
-        t.to_desc("x").unwrap_err().to_string()
+        convert(t).unwrap_err().to_string()
     }
 
     #[test]
     fn converts_and_round_trips() {
-        let d = t().to_desc("x").unwrap();
-        assert_eq!((d.ndim, d.dims(), d.dtype, d.device), (1, &[3i64][..], ScalarType::I32, Device::Host));
+        let d = convert(t()).unwrap();
+        assert_eq!((d.ndim(), d.dims(), d.dtype(), d.device()), (1, &[3i64][..], ScalarType::I32, Device::Host));
         let back = flashmla_tensor::from_desc(&d);
         assert_eq!((back.dtype, back.ndim, back.shape, back.strides), (5, 1, [3, 0, 0, 0], [1, 0, 0, 0]));
-        let cuda = flashmla_tensor { device_type: 2, device_id: 3, ..t() }.to_desc("x").unwrap();
-        assert_eq!(cuda.device, Device::Cuda(3));
+        let cuda = convert(flashmla_tensor { device_type: 2, device_id: 3, ..t() }).unwrap();
+        assert_eq!(cuda.device(), Device::Cuda(3));
     }
 
     #[test]

@@ -43,8 +43,12 @@ fn run_direct(p: &Problem) -> Reference {
         out: vec![0; p.out.bytes],
         lse: vec![0.0; p.lse.len()],
     };
+    // SAFETY (every descriptor below): the pointer is the start of a host buffer of `p` or `r` holding exactly
+    // the shape's elements of `dt`; all outlive `args`, and only `r`'s buffers (out, lse, meta, splits) are written,
+    // through pointers taken from unique borrows.
     let d = |ptr: *const u8, dt: ScalarType, shape: &[i64]| {
-        TensorDesc::contiguous(ptr.cast_mut().cast(), dt, shape, Device::Host).unwrap()
+        // SAFETY: see above.
+        unsafe { TensorDesc::from_raw_contiguous(ptr.cast_mut().cast(), dt, shape, Device::Host) }.unwrap()
     };
     let input = s.dtype.scalar();
     let seqlens = d(p.seqlens.as_ptr().cast(), ScalarType::I32, &[b]);
@@ -74,7 +78,8 @@ fn run_direct(p: &Problem) -> Reference {
         out: d(r.out.as_mut_ptr(), s.dtype.out_dtype(), &[b, sq, hq, 512]),
         lse: d(r.lse.as_mut_ptr().cast(), ScalarType::F32, &[b, hq, sq]),
     };
-    let workspace = Workspace { ptr: ws.as_mut_ptr().cast(), bytes: p.workspace.bytes };
+    // SAFETY: `ws` holds at least `p.workspace.bytes` bytes and is used by nothing else during the call.
+    let workspace = unsafe { Workspace::from_raw(ws.as_mut_ptr().cast(), p.workspace.bytes, Device::Host) };
     cpu.decode(&args, workspace, Stream::DEFAULT).unwrap();
     r
 }

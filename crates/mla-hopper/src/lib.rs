@@ -25,8 +25,8 @@ use std::sync::Arc;
 
 use cudarc::driver::{CudaContext, CudaFunction, CudaModule, result, sys};
 use mla_core::{
-    Capabilities, DType, DecodeArgs, Device, Error, MetadataArgs, MlaBackend, PageSizes, Result, Stream, TensorDesc,
-    Workspace, WorkspaceLayout,
+    Capabilities, DType, Device, Error, MlaBackend, PageSizes, Result, Stream, TensorDesc, ValidatedDecode,
+    ValidatedMetadata, WorkspaceLayout,
 };
 
 mod error;
@@ -230,7 +230,7 @@ impl HopperBackend {
                 1,
                 1,
                 smem,
-                stream.0 as sys::CUstream,
+                stream.as_raw() as sys::CUstream,
                 params.as_mut_ptr(),
                 std::ptr::null_mut(),
             )
@@ -244,7 +244,7 @@ impl HopperBackend {
 }
 
 fn addr(t: &TensorDesc) -> u64 {
-    t.data as u64
+    t.data() as u64
 }
 
 /// Checks that `t`'s base is `align`-byte aligned and its strides (in bytes, over dims of extent > 1, the last
@@ -257,13 +257,13 @@ fn check_alignment(name: &str, t: &TensorDesc, align: u64, why: &str) -> Result<
             format!("{:#x}", addr(t)),
         ));
     }
-    let elem = t.dtype.size_bytes() as u64;
-    for i in 0..t.ndim.saturating_sub(1) {
-        if t.shape[i] > 1 && !(t.strides[i] as u64 * elem).is_multiple_of(align) {
+    let elem = t.dtype().size_bytes() as u64;
+    for i in 0..t.ndim().saturating_sub(1) {
+        if t.dims()[i] > 1 && !(t.stride_slice()[i] as u64 * elem).is_multiple_of(align) {
             return Err(Error::invalid(
                 format!("{name}.strides[{i}]"),
                 format!("a multiple of {} elements ({align} bytes: {why})", align / elem),
-                t.strides[i],
+                t.stride_slice()[i],
             ));
         }
     }
@@ -279,8 +279,8 @@ impl MlaBackend for HopperBackend {
         &self.caps
     }
 
-    fn get_mla_metadata(&self, args: &MetadataArgs, stream: Stream) -> Result<()> {
-        let (batch, parts) = mla_core::validate_metadata(args, &self.caps)?;
+    fn metadata_validated(&self, v: &ValidatedMetadata, stream: Stream) -> Result<()> {
+        let (args, batch, parts) = (v.args(), v.batch(), v.num_sm_parts());
         let batch_i32 = i32::try_from(batch).map_err(|_| Error::invalid("cache_seqlens.shape[0]", "< 2^31", batch))?;
         let in_smem = batch <= SCHED_SMEM_MAX_BATCH;
         let mut p = MetadataParams {
@@ -299,18 +299,16 @@ impl MlaBackend for HopperBackend {
         Ok(())
     }
 
-    fn decode(&self, args: &DecodeArgs, workspace: Workspace, stream: Stream) -> Result<()> {
-        let prob = mla_core::validate_decode(args, &self.caps)?;
+    fn decode_validated(&self, v: &ValidatedDecode, stream: Stream) -> Result<()> {
+        // Arguments and the workspace's size were validated once, by `MlaBackend::decode`; what is left is Hopper's.
+        let (args, prob, workspace) = (v.args(), *v.problem(), v.workspace());
         let shape = prob.shape;
         check_alignment("q", &args.q, 16, "16-byte loads")?;
         check_alignment("k_cache", &args.k_cache, tma::TMA_ALIGN, "TMA")?;
         check_alignment("out", &args.out, 4, "paired stores")?;
         let layout = WorkspaceLayout::new(shape.batch, shape.q_seq_per_hk(), shape.h_kv, prob.num_sm_parts)?;
-        if workspace.bytes < layout.total_bytes {
-            return Err(Error::invalid("workspace.bytes", format!(">= {}", layout.total_bytes), workspace.bytes));
-        }
-        if !(workspace.ptr as u64).is_multiple_of(16) {
-            return Err(Error::invalid("workspace.ptr", "a 16-byte aligned address", format!("{:p}", workspace.ptr)));
+        if !(workspace.ptr() as u64).is_multiple_of(16) {
+            return Err(Error::invalid("workspace.ptr", "a 16-byte aligned address", format!("{:p}", workspace.ptr())));
         }
         let too_big = |what: &str, v: usize| Error::invalid(what, "a value < 2^31", v);
         let qsph = shape.q_seq_per_hk();
@@ -329,7 +327,7 @@ impl MlaBackend for HopperBackend {
             num_blocks: prob.num_blocks as u64,
             page_size: prob.page_size as u64,
             h_kv: shape.h_kv as u64,
-            strides: [k.strides[0], k.strides[1], k.strides[2]],
+            strides: [k.stride_slice()[0], k.stride_slice()[1], k.stride_slice()[2]],
         };
         let map = tma::encode_kv_map(&geometry, tma::KvBox::Main).map_err(Error::from)?;
         // e4m3 reads the 64 RoPE columns through their own SW64 map; the 16-bit kernels ignore the argument.
@@ -339,7 +337,7 @@ impl MlaBackend for HopperBackend {
             map
         };
 
-        let ws = workspace.ptr as u64;
+        let ws = workspace.ptr() as u64;
         let (q, out, lse) = (&args.q, &args.out, &args.lse);
         let mut p = DecodeParams {
             q: addr(q),
@@ -353,16 +351,16 @@ impl MlaBackend for HopperBackend {
             o_accum: ws + layout.o_offset as u64,
             descale_q: args.descale_q.as_ref().map_or(0, addr),
             descale_k: args.descale_k.as_ref().map_or(0, addr),
-            q_stride_b: q.strides[0],
-            q_stride_t: q.strides[1],
-            q_stride_h: q.strides[2],
-            bt_stride_b: args.block_table.strides[0],
-            o_stride_b: out.strides[0],
-            o_stride_t: out.strides[1],
-            o_stride_h: out.strides[2],
-            lse_stride_b: lse.strides[0],
-            lse_stride_h: lse.strides[1],
-            lse_stride_t: lse.strides[2],
+            q_stride_b: q.stride_slice()[0],
+            q_stride_t: q.stride_slice()[1],
+            q_stride_h: q.stride_slice()[2],
+            bt_stride_b: args.block_table.stride_slice()[0],
+            o_stride_b: out.stride_slice()[0],
+            o_stride_t: out.stride_slice()[1],
+            o_stride_h: out.stride_slice()[2],
+            lse_stride_b: lse.stride_slice()[0],
+            lse_stride_h: lse.stride_slice()[1],
+            lse_stride_t: lse.stride_slice()[2],
             scale_log2: prob.softmax_scale * LOG2_E,
             batch: shape.batch as i32,
             s_q: shape.s_q as i32,

@@ -17,8 +17,9 @@ mod common;
 
 use common::*;
 use cudarc::driver::sys;
-use mla_core::{DType, MlaBackend, Stream, Workspace};
+use mla_core::{DType, Device, MlaBackend, Stream, TensorDesc, Workspace};
 use mla_hopper::HopperBackend;
+use mla_testkit::cos_diff;
 
 fn backend_or_skip(test: &str) -> Option<(HopperBackend, Gpu)> {
     match HopperBackend::new(0) {
@@ -39,16 +40,6 @@ fn quick() -> bool {
 
 fn bf16_or_f16_to_f32(dtype: DType, bits: u16) -> f32 {
     if dtype == DType::F16 { mla_core::dtype::f16_to_f32(bits) } else { mla_core::dtype::bf16_to_f32(bits) }
-}
-
-/// Upstream's cosine distance: `1 − 2 Σxy / Σ(x² + y²)`.
-fn cos_diff(a: &[f64], b: &[f64]) -> f64 {
-    let (mut xy, mut sq) = (0f64, 0f64);
-    for (x, y) in a.iter().zip(b) {
-        xy += x * y;
-        sq += x * x + y * y;
-    }
-    if sq < 1e-12 { 0.0 } else { 1.0 - 2.0 * xy / sq }
 }
 
 /// Per-case outcome.
@@ -174,8 +165,9 @@ fn new_device_problem(be: &HopperBackend, gpu: &Gpu, p: &Problem) -> DeviceProbl
     DeviceProblem::upload(gpu, p, parts, ws)
 }
 
-fn workspace(dp: &DeviceProblem) -> Workspace {
-    Workspace { ptr: dp.workspace.ptr as *mut std::ffi::c_void, bytes: dp.workspace.bytes }
+fn workspace(dp: &DeviceProblem) -> Workspace<'_> {
+    // SAFETY: the problem's own device buffer of `bytes` bytes on device 0, borrowed with the problem.
+    unsafe { Workspace::from_raw(dp.workspace.ptr as *mut std::ffi::c_void, dp.workspace.bytes, Device::Cuda(0)) }
 }
 
 #[test]
@@ -427,7 +419,8 @@ fn graph_capture_and_replay() {
     let mut p = Problem::random(&mut rng, DType::Bf16, 6, 2, 16, 1, true, first, false);
     let mut dp = new_device_problem(&be, &gpu, &p);
     let stream = gpu.ctx.new_stream().expect("stream");
-    let s = Stream(stream.cu_stream() as *mut std::ffi::c_void);
+    // SAFETY: a live stream of the backend's device context, alive until after the graph's last launch.
+    let s = unsafe { Stream::from_raw(stream.cu_stream() as *mut std::ffi::c_void) };
     stream.begin_capture(sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL).expect("begin_capture");
     be.get_mla_metadata(&dp.metadata_args(&p), s).expect("metadata under capture");
     be.decode(&dp.decode_args(&p), workspace(&dp), s).expect("decode under capture");
@@ -455,17 +448,24 @@ fn rejects_misaligned_inputs() {
     let mut rng = Rng::new(7);
     let p = Problem::random(&mut rng, DType::Bf16, 1, 1, 16, 1, false, vec![100], false);
     let dp = new_device_problem(&be, &gpu, &p);
+    // The descriptors below reach past their buffers, which is sound only because the backend rejects them
+    // (alignment) before enqueueing any access.
+    let moved = |t: &TensorDesc, offset: u64, strides: &[i64]| {
+        // SAFETY: see above: never dereferenced.
+        unsafe { TensorDesc::from_raw((t.data() as u64 + offset) as _, t.dtype(), t.dims(), strides, t.device()) }
+            .expect("descriptor")
+    };
     let mut args = dp.decode_args(&p);
-    args.k_cache.data = (dp.k.ptr + 8) as *mut std::ffi::c_void;
+    args.k_cache = moved(&args.k_cache, 8, args.k_cache.stride_slice());
     let e = be.decode(&args, workspace(&dp), Stream::DEFAULT).unwrap_err();
     assert!(e.is_invalid_argument() && e.to_string().contains("k_cache.data"), "{e}");
     let mut args = dp.decode_args(&p);
-    args.q.strides[2] = 580; // 1160 bytes: not a multiple of 16
-    args.q.strides[1] = 580 * 16;
-    args.q.strides[0] = 580 * 16;
+    // 580 elements = 1160 bytes: not a multiple of 16.
+    args.q = moved(&args.q, 0, &[580 * 16, 580 * 16, 580, 1]);
     let e = be.decode(&args, workspace(&dp), Stream::DEFAULT).unwrap_err();
     assert!(e.is_invalid_argument() && e.to_string().contains("q.strides[2]"), "{e}");
-    let small = Workspace { ptr: dp.workspace.ptr as *mut std::ffi::c_void, bytes: 16 };
+    // SAFETY: 16 bytes of the problem's workspace buffer (rejected as too small before any access).
+    let small = unsafe { Workspace::from_raw(dp.workspace.ptr as *mut std::ffi::c_void, 16, Device::Cuda(0)) };
     let e = be.decode(&dp.decode_args(&p), small, Stream::DEFAULT).unwrap_err();
     assert!(e.is_invalid_argument() && e.to_string().contains("workspace"), "{e}");
 }
@@ -483,8 +483,10 @@ impl HostBuf {
     fn zeroed(bytes: usize) -> HostBuf {
         HostBuf(vec![0u64; bytes.div_ceil(8).max(1)])
     }
-    fn desc(&mut self, dtype: mla_core::ScalarType, shape: &[i64], strides: &[i64]) -> mla_core::TensorDesc {
-        mla_core::TensorDesc::new(self.0.as_mut_ptr().cast(), dtype, shape, strides, mla_core::Device::Host)
+    fn desc(&mut self, dtype: mla_core::ScalarType, shape: &[i64], strides: &[i64]) -> TensorDesc<'_> {
+        // SAFETY: every caller sizes the buffer for this shape and these strides (`from_bytes` / `zeroed` above),
+        // and the descriptor borrows it mutably.
+        unsafe { TensorDesc::from_raw(self.0.as_mut_ptr().cast(), dtype, shape, strides, Device::Host) }
             .expect("host descriptor")
     }
     fn bytes(&self) -> &[u8] {
@@ -535,7 +537,8 @@ fn cpu_decode(cpu: &mla_cpu::CpuBackend, p: &Problem) -> (Vec<u8>, Vec<u8>) {
         out: out.desc(p.dtype.out_dtype(), &[b, p.s_q as i64, p.h_q as i64, D_V as i64], &p.out_strides()),
         lse: lse.desc(F32, &[b, p.h_q as i64, p.s_q as i64], &p.lse_strides()),
     };
-    let work = Workspace { ptr: ws.0.as_mut_ptr().cast(), bytes: ws.0.len() * 8 };
+    // SAFETY: the host buffer `ws` of `len * 8` bytes, borrowed for the call.
+    let work = unsafe { Workspace::from_raw(ws.0.as_mut_ptr().cast(), ws.0.len() * 8, Device::Host) };
     cpu.decode(&args, work, Stream::DEFAULT).expect("cpu decode");
     (out.bytes()[..p.out_elems() * 2].to_vec(), lse.bytes()[..p.lse_elems() * 4].to_vec())
 }

@@ -238,28 +238,6 @@ impl Spec {
     }
 }
 
-/// splitmix64: a reproducible stream without a dependency.
-pub struct Rng(u64);
-impl Rng {
-    pub fn new(seed: u64) -> Rng {
-        Rng(seed)
-    }
-    pub fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-    /// Uniform in [-1, 1).
-    pub fn unit(&mut self) -> f32 {
-        (self.next_u64() >> 40) as f32 / (1u64 << 23) as f32 - 1.0
-    }
-    pub fn below(&mut self, n: usize) -> usize {
-        (self.next_u64() % n as u64) as usize
-    }
-}
-
 /// Bytes of a host buffer, 8-byte aligned (element views of any API dtype are aligned).
 pub struct Buf {
     words: Vec<u64>,
@@ -286,26 +264,6 @@ impl Buf {
     }
 }
 
-/// Encodes `x` (already representable or to be rounded) in `dtype`, little-endian.
-fn put(buf: &mut [u8], i: usize, dtype: DType, x: f32) {
-    match dtype {
-        DType::Bf16 => buf[2 * i..2 * i + 2].copy_from_slice(&half::bf16::from_f32(x).to_bits().to_le_bytes()),
-        DType::F16 => buf[2 * i..2 * i + 2].copy_from_slice(&half::f16::from_f32(x).to_bits().to_le_bytes()),
-        DType::E4M3 => buf[i] = mla_core::E4M3::from_f32(x).0,
-    }
-}
-
-/// Bytes of a NaN in `dtype`, used to poison cache rows that must never be read.
-fn nan_bytes(dtype: DType) -> &'static [u8] {
-    match dtype {
-        DType::Bf16 => &[0xC0, 0x7F],
-        DType::F16 => &[0x00, 0x7E],
-        DType::E4M3 => &[0x7F],
-    }
-}
-
-pub const GARBAGE_PAGE: i32 = 2_147_480_000;
-
 /// A problem's host buffers (inputs filled, outputs poisoned).
 pub struct Problem {
     pub spec: Spec,
@@ -330,51 +288,33 @@ pub const LSE_SENTINEL: f32 = -12345.0;
 pub const META_SENTINEL: i32 = -777;
 
 impl Problem {
-    /// Random inputs for `spec`: pages handed out in a shuffled order, one spare page that no request uses,
-    /// NaN in every cache row past a request's length, garbage block-table entries past its last page.
+    /// Random inputs for `spec`, from the test kit's generator (`mla_testkit::Problem`: shuffled pages, unused
+    /// pages, NaN in every cache row past a request's length, garbage block-table entries past its last page).
     /// `num_sm_parts` and `workspace_bytes` are the library's answers for this shape.
     pub fn new(spec: Spec, num_sm_parts: usize, workspace_bytes: usize) -> Problem {
-        let mut rng = Rng::new(spec.seed);
-        let (b, k) = (spec.batch(), mla_core::HEAD_DIM_K);
-        let pages_of = |s: i32| (s as usize).div_ceil(spec.page);
-        let max_blocks = spec.seqlens.iter().map(|&s| pages_of(s)).max().unwrap_or(0).max(1) + 1;
-        let used: usize = spec.seqlens.iter().map(|&s| pages_of(s)).sum();
-        let num_blocks = used + 1;
-        let mut order: Vec<usize> = (0..num_blocks).collect();
-        for i in (1..order.len()).rev() {
-            order.swap(i, rng.below(i + 1));
+        let b = spec.batch();
+        let e4m3 = spec.dtype == DType::E4M3;
+        let mut case = mla_testkit::Case::new(&spec.seqlens, spec.s_q, spec.h_q);
+        case.h_kv = spec.h_kv;
+        case.page_size = spec.page;
+        case.dtype = spec.dtype;
+        case.causal = spec.causal;
+        case.softmax_scale = spec.scale;
+        case.seed = spec.seed;
+        if e4m3 {
+            // Descales away from 1 so that they matter.
+            (case.descale_q, case.descale_k) = (0.25, 0.125);
         }
-
-        let esz = spec.dtype.size_bytes();
-        let mut q = Buf::new(b * spec.s_q * spec.h_q * k * esz);
-        let mut kv = Buf::new(num_blocks * spec.page * spec.h_kv * k * esz);
-        let nan = nan_bytes(spec.dtype);
-        for chunk in kv.as_bytes_mut().chunks_exact_mut(esz) {
-            chunk.copy_from_slice(nan);
-        }
-        // E4M3 values span a wider range so that quantisation and the descales matter.
-        let amp = if spec.dtype == DType::E4M3 { 8.0 } else { 1.0 };
-        for i in 0..b * spec.s_q * spec.h_q * k {
-            put(q.as_bytes_mut(), i, spec.dtype, amp * rng.unit());
-        }
-        let mut block_table = vec![GARBAGE_PAGE; b * max_blocks];
-        let mut next = 0;
-        for (r, &s) in spec.seqlens.iter().enumerate() {
-            for p in 0..pages_of(s) {
-                block_table[r * max_blocks + p] = order[next] as i32;
-                next += 1;
-            }
-            for j in 0..s as usize {
-                let page = block_table[r * max_blocks + j / spec.page] as usize;
-                for g in 0..spec.h_kv {
-                    let row = ((page * spec.page + j % spec.page) * spec.h_kv + g) * k;
-                    for c in 0..k {
-                        put(kv.as_bytes_mut(), row + c, spec.dtype, amp * rng.unit());
-                    }
-                }
-            }
-        }
-        let (dq, dk) = if spec.dtype == DType::E4M3 { (vec![0.25f32], vec![0.125f32]) } else { (vec![], vec![]) };
+        let generated = mla_testkit::Problem::generate(&case);
+        let buf = |bytes: Vec<u8>| {
+            let mut b = Buf::new(bytes.len());
+            b.as_bytes_mut().copy_from_slice(&bytes);
+            b
+        };
+        let (q, kv) = (buf(generated.q.to_le_bytes()), buf(generated.cache.to_le_bytes()));
+        let (num_blocks, max_blocks, block_table) =
+            (generated.num_blocks, generated.max_blocks_per_seq, generated.block_table);
+        let (dq, dk) = if e4m3 { (vec![case.descale_q], vec![case.descale_k]) } else { (vec![], vec![]) };
         let mut p = Problem {
             num_blocks,
             max_blocks,

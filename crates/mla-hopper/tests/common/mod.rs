@@ -19,40 +19,7 @@ pub const D_K: usize = 576;
 /// V row width.
 pub const D_V: usize = 512;
 
-/// xorshift64* with Box-Muller normals: fast, seedable, good enough for test data.
-pub struct Rng(u64);
-
-impl Rng {
-    /// A generator from a seed (0 is remapped).
-    pub fn new(seed: u64) -> Self {
-        Rng(seed.max(1))
-    }
-    /// Next 64 random bits.
-    pub fn next_u64(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
-    }
-    /// Uniform in [0, 1).
-    pub fn uniform(&mut self) -> f64 {
-        (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64
-    }
-    /// Uniform integer in [0, n).
-    pub fn below(&mut self, n: usize) -> usize {
-        (self.uniform() * n as f64) as usize % n.max(1)
-    }
-    /// Standard normal.
-    pub fn normal(&mut self) -> f64 {
-        let u1 = self.uniform().max(1e-300);
-        let u2 = self.uniform();
-        (-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos()
-    }
-    /// Picks one element.
-    pub fn pick<T: Copy>(&mut self, v: &[T]) -> T {
-        v[self.below(v.len())]
-    }
-}
+pub use mla_testkit::Rng;
 
 /// The run's seed: `FLASHMLA_SEED` or the clock (fresh inputs every run).
 pub fn seed() -> u64 {
@@ -444,9 +411,12 @@ impl Gpu {
     }
 }
 
-/// A descriptor over a device buffer.
-pub fn desc(buf: &Buf, dtype: ScalarType, shape: &[i64], strides: &[i64]) -> TensorDesc {
-    TensorDesc::new(buf.ptr as *mut std::ffi::c_void, dtype, shape, strides, Device::Cuda(0)).expect("descriptor")
+/// A descriptor over a device buffer; it borrows the buffer.
+pub fn desc<'b>(buf: &'b Buf, dtype: ScalarType, shape: &[i64], strides: &[i64]) -> TensorDesc<'b> {
+    // SAFETY: every caller describes a buffer allocated on device 0 for (at least) this shape and these strides,
+    // and the descriptor borrows it.
+    unsafe { TensorDesc::from_raw(buf.ptr as *mut std::ffi::c_void, dtype, shape, strides, Device::Cuda(0)) }
+        .expect("descriptor")
 }
 
 /// Contiguous element strides.
@@ -499,7 +469,7 @@ impl DeviceProblem {
     }
 
     /// The metadata-step arguments.
-    pub fn metadata_args(&self, p: &Problem) -> mla_core::MetadataArgs {
+    pub fn metadata_args(&self, p: &Problem) -> mla_core::MetadataArgs<'_> {
         mla_core::MetadataArgs {
             cache_seqlens: desc(&self.seqlens, ScalarType::I32, &[p.b as i64], &[1]),
             q_seq_per_hk: p.q_seq_per_hk(),
@@ -510,7 +480,7 @@ impl DeviceProblem {
     }
 
     /// The decode-step arguments.
-    pub fn decode_args(&self, p: &Problem) -> DecodeArgs {
+    pub fn decode_args(&self, p: &Problem) -> DecodeArgs<'_> {
         let dt = p.dtype.scalar();
         let q_shape = [p.b as i64, p.s_q as i64, p.h_q as i64, D_K as i64];
         let k_shape = [p.num_blocks as i64, PAGE as i64, p.h_kv as i64, D_K as i64];
