@@ -1,5 +1,5 @@
 """Shared fixtures. The tests import `flashmla` as installed (scripts/test-python.sh installs the wheel into a
-virtualenv and runs pytest from outside the source tree); FLASHMLA_LIBRARY may point at another libflashmla.so."""
+virtualenv and runs pytest from outside the source tree)."""
 
 import ctypes
 import os
@@ -29,18 +29,43 @@ def require_gpu() -> bool:
     return os.environ.get("FLASHMLA_REQUIRE_GPU") == "1"
 
 
+class DLDevice(ctypes.Structure):
+    _fields_ = [("device_type", ctypes.c_int32), ("device_id", ctypes.c_int32)]
+
+
+class DLDataType(ctypes.Structure):
+    _fields_ = [("code", ctypes.c_uint8), ("bits", ctypes.c_uint8), ("lanes", ctypes.c_uint16)]
+
+
+class DLTensor(ctypes.Structure):
+    _fields_ = [
+        ("data", ctypes.c_void_p),
+        ("device", DLDevice),
+        ("ndim", ctypes.c_int32),
+        ("dtype", DLDataType),
+        ("shape", ctypes.POINTER(ctypes.c_int64)),
+        ("strides", ctypes.POINTER(ctypes.c_int64)),
+        ("byte_offset", ctypes.c_uint64),
+    ]
+
+
+class DLManagedTensor(ctypes.Structure):
+    _fields_ = [("dl_tensor", DLTensor), ("manager_ctx", ctypes.c_void_p), ("deleter", ctypes.c_void_p)]
+
+
+KDL_CUDA = 2
+
+
 class FakeCudaTensor:
     """A DLPack producer that claims to live on cuda:0, with a compact layout (the memory is never touched: used
     where the library must reject it, or the CUDA backend must be missing, before anything is read)."""
 
     def __init__(self, shape, code=0, bits=32):  # default: int32 (kDLInt)
-        from flashmla import _dlpack
-
         self.shape = (ctypes.c_int64 * len(shape))(*shape)
-        self.managed = _dlpack.DLManagedTensor()
+        self.managed = DLManagedTensor()
         t = self.managed.dl_tensor
         t.data = 0x10000
-        t.device.device_type = _dlpack.KDL_CUDA
+        t.device.device_type = KDL_CUDA
         t.device.device_id = 0
         t.ndim = len(shape)
         t.dtype.code, t.dtype.bits, t.dtype.lanes = code, bits, 1

@@ -9,7 +9,7 @@ from conftest import FakeCudaTensor
 from flashmla import flash_mla_with_kvcache, get_mla_metadata
 from mla_reference import D_V, check_outputs, make_case
 
-LIB = "flashmla_with_kvcache: invalid argument "  # the C library's prefix for decode argument errors
+LIB = "flash_mla_with_kvcache: invalid argument "  # the prefix of decode argument errors
 
 
 @pytest.fixture

@@ -239,3 +239,24 @@ def test_upstream_head_grid(rng, h_q, h_kv):
     case = make_case(rng, "bf16", 3, 2, h_q, h_kv, [140, 0, 20], causal=True)
     out, lse = run(case)
     check_outputs(out, lse, case, ml_dtypes.bfloat16)
+
+
+def test_upstream_head_schedule(rng):
+    # get_mla_metadata() without arguments: an empty schedule that the first decode call fills.
+    case = make_case(rng, "bf16", 3, 2, 16, 1, [900, 1, 0], causal=True)
+    meta, splits = get_mla_metadata(case.cache_seqlens, 32, 1)
+    args = (case.q, case.k_cache, case.block_table, case.cache_seqlens, D_V)
+    ref_out, ref_lse = flash_mla_with_kvcache(*args, meta, splits, causal=True)
+    sched, none = get_mla_metadata()
+    assert none is None and not sched.have_initialized and sched.tile_scheduler_metadata is None
+    for _ in range(3):
+        out, lse = flash_mla_with_kvcache(*args, sched, None, causal=True)
+        assert np.array_equal(out.view(np.uint16), ref_out.view(np.uint16)) and np.array_equal(lse, ref_lse)
+    assert sched.have_initialized and np.array_equal(sched.tile_scheduler_metadata, meta)
+    assert sched.config["b"] == "3" and sched.config["causal"] == "true"
+    with pytest.raises(ValueError, match="tile_scheduler_metadata.config.causal"):
+        flash_mla_with_kvcache(*args, sched, None, causal=False)
+    with pytest.raises(ValueError, match="num_splits"):
+        flash_mla_with_kvcache(*args, sched, splits, causal=True)
+    with pytest.raises(ValueError, match="num_splits"):
+        flash_mla_with_kvcache(*args, meta, None, causal=True)

@@ -1,4 +1,4 @@
-"""The installed package: where it comes from, the bundled library, backends."""
+"""The installed package: where it comes from, the compiled module, backends."""
 
 import os
 import pathlib
@@ -7,23 +7,26 @@ import pytest
 
 import flashmla
 from conftest import FakeCudaTensor, require_gpu
-from flashmla import _lib
+from flashmla import _native
 
 
-def test_imports_the_installed_wheel_with_its_bundled_library():
+def test_imports_the_installed_wheel_with_its_compiled_module():
     if os.environ.get("FLASHMLA_EXPECT_INSTALLED") != "1":
         pytest.skip("not run by scripts/test-python.sh")
     path = pathlib.Path(flashmla.__file__).resolve()
     assert "site-packages" in path.parts, f"flashmla imported from {path}, not from the installed wheel"
-    lib = path.parent / "libflashmla.so"
-    assert lib.is_file(), f"{lib} missing from the wheel"
-    assert "FLASHMLA_LIBRARY" not in os.environ
-    assert pathlib.Path(_lib.library_path()) == lib
+    native = pathlib.Path(_native.__file__)
+    assert native.parent == path.parent and native.name.endswith(".abi3.so"), native
 
 
-def test_versions_and_abi():
+def test_versions():
     assert flashmla.library_version() == flashmla.__version__
-    assert _lib.lib().flashmla_abi_version() == _lib.ABI_VERSION
+
+
+def test_the_hot_functions_are_the_compiled_ones():
+    # No Python frame between the caller and the Rust API.
+    assert flashmla.flash_mla_with_kvcache is _native.flash_mla_with_kvcache
+    assert flashmla.get_mla_metadata is _native.get_mla_metadata
 
 
 def test_cpu_backend_info():
@@ -32,8 +35,7 @@ def test_cpu_backend_info():
     assert info["sm_count"] >= 1
     assert {"bf16", "fp16", "e4m3"} <= set(info["dtypes"])
     assert info["compute_capability"] is None
-    # The handle is opened once per (backend, device) and cached.
-    assert _lib.backend("cpu", 0) is _lib.backend("cpu", 0)
+    assert info["page_sizes"] is None
 
 
 def test_gpu_backend_opens_or_says_why():
@@ -45,7 +47,7 @@ def test_gpu_backend_opens_or_says_why():
         msg = str(e)
         assert isinstance(e, RuntimeError) and not isinstance(e, ValueError)
         assert e.status == "FLASHMLA_STATUS_UNAVAILABLE"
-        assert "hopper" in msg and len(msg) > len("flashmla_backend_open: backend `hopper` is unavailable: ")
+        assert "hopper" in msg and "cannot run on cuda:0: " in msg
         return
     assert info["backend"] == "hopper"
     assert info["compute_capability"][0] == 9
@@ -70,6 +72,5 @@ def test_cuda_inputs_without_a_usable_gpu_say_why():
     with pytest.raises(flashmla.BackendUnavailableError) as info:
         flashmla.get_mla_metadata(fake, 16, 1)
     msg = str(info.value)
-    assert msg.startswith("get_mla_metadata: CUDA tensors run on the `hopper` backend"), msg
-    assert "cannot run on cuda:0: flashmla_backend_open: backend `hopper` is unavailable: " in msg, msg
+    assert msg.startswith("get_mla_metadata: backend `hopper` is unavailable: CUDA tensors run on the `hopper`"), msg
     assert info.value.status == "FLASHMLA_STATUS_UNAVAILABLE"

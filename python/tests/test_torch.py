@@ -149,7 +149,7 @@ def test_cuda_device_mismatch():
     meta, splits = get_mla_metadata(sl, 8, 1)
     with pytest.raises(ValueError, match=r"`k_cache\.device`") as e:
         flash_mla_with_kvcache(q, k.cpu(), bt, sl, D_V, meta, splits)
-    assert str(e.value).startswith("flashmla_with_kvcache: invalid argument")
+    assert str(e.value).startswith("flash_mla_with_kvcache: invalid argument")
     with pytest.raises(ValueError, match=r"`tile_scheduler_metadata\.device`"):
         flash_mla_with_kvcache(q, k, bt, sl, D_V, meta.cpu(), splits)
     with pytest.raises(ValueError, match=r"`num_splits\.device`"):
@@ -232,3 +232,57 @@ def test_hopper_backend_info():
     info = flashmla.backend_info(torch.device("cuda", 0))
     assert info["backend"] == "hopper"
     assert info["sm_count"] == torch.cuda.get_device_properties(0).multi_processor_count
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# upstream HEAD's calling convention, torch.library ops and torch.compile
+
+
+def test_head_schedule_fills_on_first_call_and_matches(rng, device):
+    case = make_case(rng, "bf16", 3, 2, 16, 1, [700, 64, 0], causal=True)
+    (q, k, bt, sl), _, _ = torch_case(case, device)
+    ref_out, ref_lse = decode(case, device)
+    sched, none = get_mla_metadata()
+    assert none is None and not sched.have_initialized
+    for _ in range(2):  # the second call reuses the filled schedule
+        out, lse = flash_mla_with_kvcache(q, k, bt, sl, D_V, sched, None, causal=True)
+        assert torch.equal(out, ref_out) and torch.equal(lse, ref_lse)
+    assert sched.have_initialized and sched.tile_scheduler_metadata.device == device
+    with pytest.raises(flashmla.FlashMLAValueError, match="tile_scheduler_metadata.config.h_q"):
+        flash_mla_with_kvcache(q[:, :, :8], k, bt, sl, D_V, sched, None, causal=True)
+
+
+def test_torch_ops_match_the_plain_functions(rng, device):
+    import flashmla.ops  # noqa: F401  (registers torch.ops.flashmla.*)
+
+    case = make_case(rng, "bf16", 2, 1, 16, 1, [300, 5], causal=False)
+    (q, k, bt, sl), _, _ = torch_case(case, device)
+    meta, splits = torch.ops.flashmla.get_mla_metadata(sl, 16, 1)
+    out, lse = torch.ops.flashmla.flash_mla_with_kvcache(q, k, bt, sl, D_V, meta, splits, None, False, None, None)
+    ref_out, ref_lse = decode(case, device)
+    assert torch.equal(out, ref_out) and torch.equal(lse, ref_lse)
+    # The fake implementations agree with the real ones on shapes and dtypes (opcheck runs them on FakeTensors).
+    torch.library.opcheck(torch.ops.flashmla.get_mla_metadata.default, (sl, 16, 1), test_utils=("test_faketensor",))
+    torch.library.opcheck(
+        torch.ops.flashmla.flash_mla_with_kvcache.default,
+        (q, k, bt, sl, D_V, meta, splits, None, False, None, None),
+        test_utils=("test_faketensor",),
+    )
+
+
+def test_torch_compile_fullgraph_traces_a_decode_step(rng, device):
+    import flashmla.ops  # noqa: F401
+
+    case = make_case(rng, "bf16", 2, 2, 16, 1, [300, 70], causal=True)
+    (q, k, bt, sl), _, _ = torch_case(case, device)
+
+    def step(q, k, bt, sl):
+        meta, splits = torch.ops.flashmla.get_mla_metadata(sl, 32, 1)
+        out, lse = torch.ops.flashmla.flash_mla_with_kvcache(q, k, bt, sl, D_V, meta, splits, None, True, None, None)
+        return out.float() * 2, lse
+
+    torch._dynamo.reset()
+    compiled = torch.compile(step, fullgraph=True, backend="eager")  # fullgraph: a graph break is an error
+    out, lse = compiled(q, k, bt, sl)
+    ref_out, ref_lse = decode(case, device)
+    assert torch.equal(out, ref_out.float() * 2) and torch.equal(lse, ref_lse)
