@@ -10,8 +10,8 @@
 //! | `docs_example_compiles_and_runs` | the C block of `docs/c-api.md` | the documented example compiles and is right |
 //! | `exports_only_flashmla_symbols` | — | `nm -D` of the library |
 //!
-//! `cargo test` leaves the cdylib in `target/<profile>/deps/`, next to this test's executable, so that is where
-//! the programs link it from (`-L` and `-Wl,-rpath`), exactly as an engine links `libflashmla.so`.
+//! The programs link the cdylib that `common::library_path` builds (`-L` and `-Wl,-rpath`), exactly as an engine
+//! links `libflashmla.so`.
 #![cfg(target_os = "linux")]
 
 mod common;
@@ -23,13 +23,9 @@ fn repo_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../..").canonicalize().expect("repository root")
 }
 
-/// The directory holding this test executable and the freshly built `libflashmla.so`.
+/// The directory holding the freshly built `libflashmla.so`.
 fn deps_dir() -> PathBuf {
-    let exe = std::env::current_exe().expect("current_exe");
-    let dir = exe.parent().expect("test executable has a directory").to_path_buf();
-    let lib = dir.join("libflashmla.so");
-    assert!(lib.exists(), "{} is missing: the cdylib should be built next to the test executable", lib.display());
-    dir
+    common::library_path().parent().expect("the library has a directory").to_path_buf()
 }
 
 fn out_dir() -> PathBuf {
@@ -89,8 +85,8 @@ fn build_program(source: &Path, exe_name: &str, std: &str) -> PathBuf {
         .arg("-L")
         .arg(&deps)
         .arg("-lflashmla")
-        // A true RPATH (not RUNPATH) outranks LD_LIBRARY_PATH, which `cargo test` points at target/<profile>/ too:
-        // a libflashmla.so left there by an earlier `cargo build` must not shadow the one just built.
+        // A true RPATH (not RUNPATH) outranks LD_LIBRARY_PATH, which `cargo test` points at target/<profile>/deps
+        // too: a stale libflashmla.so left there must not shadow the one just built.
         .arg("-Wl,--disable-new-dtags")
         .arg(format!("-Wl,-rpath,{}", deps.display()))
         .arg("-lm");

@@ -4,13 +4,15 @@
 //!
 //! | item | what |
 //! |---|---|
-//! | [`Api`] | `libflashmla.so` from `target/<profile>/deps`, every entry point as a typed function pointer |
+//! | [`Api`] | `libflashmla.so` built by [`library_path`], every entry point as a typed function pointer |
 //! | [`Tensor`], [`Caps`] | `flashmla_tensor`, `flashmla_capabilities` declared again here, from the header |
 //! | [`Spec`] / [`Problem`] | a problem (any dtype, page size, causal, garbage past the ends) and its buffers |
 #![allow(dead_code)] // each test binary uses a different part
 
 use std::ffi::{CStr, CString, c_char, c_void};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::OnceLock;
 
 use mla_core::DType;
 
@@ -146,12 +148,49 @@ unsafe impl Send for Api {}
 // SAFETY: as above.
 unsafe impl Sync for Api {}
 
-/// `libflashmla.so` next to the test executable (where `cargo test` builds it).
+/// `libflashmla.so` as this package's features build it: built here, once per test process, by the `cargo` that
+/// runs the tests. Cargo does not build it for integration tests by itself: the library is `cdylib` + `staticlib`
+/// only (the `flashmla` facade crate owns the rlib of that name), and a test target only depends on a library it
+/// can link.
 pub fn library_path() -> PathBuf {
+    static PATH: OnceLock<PathBuf> = OnceLock::new();
+    PATH.get_or_init(build_cdylib).clone()
+}
+
+fn build_cdylib() -> PathBuf {
+    // The test executable lives in <target>/<profile dir>/deps/; build the library in the same profile so that the
+    // tests exercise the code they were compiled with. The profile dir of `dev` is `debug`.
     let exe = std::env::current_exe().expect("current_exe");
-    let lib = exe.parent().unwrap().join("libflashmla.so");
-    assert!(lib.exists(), "{} is missing: the cdylib should be built next to the test executable", lib.display());
-    lib
+    let profile_dir = exe.parent().and_then(Path::parent).and_then(Path::file_name).expect("target/<profile>/deps");
+    let profile = match profile_dir.to_str().expect("UTF-8 profile directory") {
+        "debug" => "dev",
+        other => other,
+    };
+    let mut features = Vec::new();
+    if cfg!(feature = "cuda") {
+        features.push("cuda");
+    }
+    if cfg!(feature = "soname") {
+        features.push("soname");
+    }
+    // The target directory comes from the environment and configuration this process inherited from cargo.
+    let output = Command::new(env!("CARGO"))
+        .args(["build", "--quiet", "-p", "mla-ffi", "--lib", "--no-default-features", "--profile", profile])
+        .args(["--message-format", "json-render-diagnostics", "--features", &features.join(",")])
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .stderr(Stdio::inherit())
+        .output()
+        .expect("run cargo to build libflashmla.so");
+    assert!(output.status.success(), "cargo build -p mla-ffi failed ({})", output.status);
+    let stdout = String::from_utf8(output.stdout).expect("cargo prints UTF-8");
+    stdout
+        .lines()
+        .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
+        .filter(|msg| msg["reason"] == "compiler-artifact" && msg["target"]["name"] == "flashmla")
+        .flat_map(|msg| msg["filenames"].as_array().cloned().unwrap_or_default())
+        .filter_map(|f| f.as_str().map(PathBuf::from))
+        .find(|f| f.extension().is_some_and(|e| e == "so"))
+        .expect("cargo build -p mla-ffi reported no libflashmla.so")
 }
 
 macro_rules! sym {
