@@ -85,8 +85,11 @@ enum flashmla_dtype
   FLASHMLA_DTYPE_E4M3 = 3,
   // IEEE binary32 (`lse`, descales).
   FLASHMLA_DTYPE_F32 = 4,
-  // 32-bit signed integer (`block_table`, `cache_seqlens`, scheduler metadata).
+  // 32-bit signed integer (`block_table`, `cache_seqlens`, scheduler metadata, sparse indices).
   FLASHMLA_DTYPE_I32 = 5,
+  // Raw bytes: an FP8 KV cache (`k_cache` / `extra_k_cache` of the `flashmla_fp8_*` calls, which also accept
+  // `FLASHMLA_DTYPE_E4M3` for the same bytes). Since ABI version 2.
+  FLASHMLA_DTYPE_U8 = 6,
 };
 #ifndef __cplusplus
 #if __STDC_VERSION__ >= 202311L

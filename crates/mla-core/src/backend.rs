@@ -17,6 +17,7 @@ use crate::dtype::DType;
 use crate::error::Result;
 use crate::problem::{DecodeArgs, DecodeShape, HEAD_DIM_K, HEAD_DIM_V, MetadataArgs};
 use crate::scheduler;
+use crate::sparse::{self, Fp8Capabilities, Fp8DecodeArgs, Fp8Shape};
 use crate::splitkv::WorkspaceLayout;
 use crate::tensor::Device;
 
@@ -95,6 +96,9 @@ pub struct Capabilities {
     pub head_dims: Vec<(usize, usize)>,
     /// Supported page sizes.
     pub page_sizes: PageSizes,
+    /// Decode over FP8 caches (sparse and dense): layouts and optional features; [`Fp8Capabilities::none`] when the
+    /// backend has none (its `fp8_*` methods then answer [`crate::Error::Unsupported`]).
+    pub fp8: Fp8Capabilities,
 }
 
 impl Capabilities {
@@ -130,4 +134,29 @@ pub trait MlaBackend: Send + Sync {
     /// On GPU backends this enqueues work on `stream` and returns; it performs no allocation and no host
     /// synchronisation.
     fn decode(&self, args: &DecodeArgs, workspace: Workspace, stream: Stream) -> Result<()>;
+
+    /// Rows of `tile_scheduler_metadata` for a decode over an FP8 cache ([`sparse::num_sm_parts`]).
+    fn fp8_num_sm_parts(&self, s_q: usize, h_q: usize) -> usize {
+        sparse::num_sm_parts(self.capabilities().sm_count, s_q, h_q)
+    }
+
+    /// Bytes of workspace [`MlaBackend::fp8_decode`] needs for this shape. Default: unsupported.
+    fn fp8_workspace_size(&self, _shape: &Fp8Shape) -> Result<usize> {
+        Err(sparse::unsupported(self.name()))
+    }
+
+    /// The scheduler step of a decode over an FP8 cache: reads the lengths that fix each request's work
+    /// (`topk_length` / `extra_topk_length` in sparse mode, `cache_seqlens` in dense mode) and writes
+    /// `tile_scheduler_metadata` and `num_splits`. It takes the decode's own arguments, as upstream computes the
+    /// metadata in the first `flash_mla_with_kvcache` call; reuse the result while the shapes and those lengths
+    /// stay the same. Default: unsupported.
+    fn fp8_get_metadata(&self, _args: &Fp8DecodeArgs, _stream: Stream) -> Result<()> {
+        Err(sparse::unsupported(self.name()))
+    }
+
+    /// The decode over an FP8 cache, sparse (with `indices`) or dense, writing `out` and `lse`
+    /// ([`crate::sparse`] documents the arguments). Default: unsupported.
+    fn fp8_decode(&self, _args: &Fp8DecodeArgs, _workspace: Workspace, _stream: Stream) -> Result<()> {
+        Err(sparse::unsupported(self.name()))
+    }
 }

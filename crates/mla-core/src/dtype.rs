@@ -104,13 +104,15 @@ pub enum ScalarType {
     F32,
     /// 32-bit signed integer.
     I32,
+    /// Raw bytes: an FP8 KV cache in one of the layouts of [`crate::fp8`] (which also accept [`ScalarType::E4M3`]).
+    U8,
 }
 
 impl ScalarType {
     /// Bytes per element.
     pub const fn size_bytes(self) -> usize {
         match self {
-            ScalarType::E4M3 => 1,
+            ScalarType::E4M3 | ScalarType::U8 => 1,
             ScalarType::Bf16 | ScalarType::F16 => 2,
             ScalarType::F32 | ScalarType::I32 => 4,
         }
@@ -124,6 +126,7 @@ impl ScalarType {
             ScalarType::E4M3 => "e4m3",
             ScalarType::F32 => "f32",
             ScalarType::I32 => "i32",
+            ScalarType::U8 => "u8",
         }
     }
 
@@ -133,7 +136,7 @@ impl ScalarType {
             ScalarType::Bf16 => Some(DType::Bf16),
             ScalarType::F16 => Some(DType::F16),
             ScalarType::E4M3 => Some(DType::E4M3),
-            ScalarType::F32 | ScalarType::I32 => None,
+            ScalarType::F32 | ScalarType::I32 | ScalarType::U8 => None,
         }
     }
 }

@@ -124,7 +124,7 @@ pub struct DecodeProblem {
     pub num_sm_parts: usize,
 }
 
-fn check_ndim(name: &str, t: &TensorDesc, n: usize, what: &str) -> Result<()> {
+pub(crate) fn check_ndim(name: &str, t: &TensorDesc, n: usize, what: &str) -> Result<()> {
     if t.ndim != n {
         return Err(Error::invalid(
             format!("{name}.ndim"),
@@ -135,21 +135,21 @@ fn check_ndim(name: &str, t: &TensorDesc, n: usize, what: &str) -> Result<()> {
     Ok(())
 }
 
-fn check_dtype(name: &str, t: &TensorDesc, want: ScalarType) -> Result<()> {
+pub(crate) fn check_dtype(name: &str, t: &TensorDesc, want: ScalarType) -> Result<()> {
     if t.dtype != want {
         return Err(Error::invalid(format!("{name}.dtype"), want, t.dtype));
     }
     Ok(())
 }
 
-fn check_dim(name: &str, t: &TensorDesc, i: usize, want: usize) -> Result<()> {
+pub(crate) fn check_dim(name: &str, t: &TensorDesc, i: usize, want: usize) -> Result<()> {
     if t.shape[i] != want as i64 {
         return Err(Error::invalid(format!("{name}.shape[{i}]"), want, t.shape[i]));
     }
     Ok(())
 }
 
-fn positive_dim(name: &str, t: &TensorDesc, i: usize, what: &str) -> Result<usize> {
+pub(crate) fn positive_dim(name: &str, t: &TensorDesc, i: usize, what: &str) -> Result<usize> {
     let d = t.shape[i];
     if d < 1 {
         return Err(Error::invalid(format!("{name}.shape[{i}]"), format!("{what} >= 1"), d));
@@ -157,7 +157,7 @@ fn positive_dim(name: &str, t: &TensorDesc, i: usize, what: &str) -> Result<usiz
     Ok(d as usize)
 }
 
-fn check_last_contiguous(name: &str, t: &TensorDesc) -> Result<()> {
+pub(crate) fn check_last_contiguous(name: &str, t: &TensorDesc) -> Result<()> {
     let last = t.ndim - 1;
     if t.shape[last] > 1 && t.strides[last] != 1 {
         return Err(Error::invalid(
@@ -169,7 +169,7 @@ fn check_last_contiguous(name: &str, t: &TensorDesc) -> Result<()> {
     Ok(())
 }
 
-fn check_contiguous(name: &str, t: &TensorDesc) -> Result<()> {
+pub(crate) fn check_contiguous(name: &str, t: &TensorDesc) -> Result<()> {
     if !t.is_contiguous() {
         let want = crate::tensor::contiguous_strides(t.dims());
         return Err(Error::invalid(
@@ -182,7 +182,7 @@ fn check_contiguous(name: &str, t: &TensorDesc) -> Result<()> {
 }
 
 /// Device, null pointer, negative stride and size-overflow checks shared by every tensor.
-fn check_memory(name: &str, t: &TensorDesc, device: Device) -> Result<()> {
+pub(crate) fn check_memory(name: &str, t: &TensorDesc, device: Device) -> Result<()> {
     if t.device != device {
         return Err(Error::invalid(format!("{name}.device"), device, t.device));
     }
@@ -205,7 +205,7 @@ fn check_memory(name: &str, t: &TensorDesc, device: Device) -> Result<()> {
     Ok(())
 }
 
-fn check_index_vector(name: &str, t: &TensorDesc, len: usize, device: Device) -> Result<()> {
+pub(crate) fn check_index_vector(name: &str, t: &TensorDesc, len: usize, device: Device) -> Result<()> {
     check_ndim(name, t, 1, &format!("[{len}]"))?;
     check_dtype(name, t, ScalarType::I32)?;
     check_dim(name, t, 0, len)?;
@@ -213,7 +213,7 @@ fn check_index_vector(name: &str, t: &TensorDesc, len: usize, device: Device) ->
     check_memory(name, t, device)
 }
 
-fn check_metadata_buffers(
+pub(crate) fn check_metadata_buffers(
     meta: &TensorDesc,
     splits: &TensorDesc,
     batch: usize,

@@ -155,6 +155,9 @@ impl Element for f32 {
 impl Element for i32 {
     const SCALAR: ScalarType = ScalarType::I32;
 }
+impl Element for u8 {
+    const SCALAR: ScalarType = ScalarType::U8;
+}
 
 fn host_desc<T: Element>(ptr: *mut T, len: usize, shape: &[usize], strides: Option<&[usize]>) -> Result<TensorDesc> {
     let shape_i: Vec<i64> = shape.iter().map(|&d| d as i64).collect();

@@ -31,7 +31,8 @@ use std::sync::Arc;
 pub use simd::Isa;
 
 use mla_core::{
-    Capabilities, DType, DecodeArgs, Device, Error, MetadataArgs, MlaBackend, PageSizes, Result, Stream, Workspace,
+    Capabilities, DType, DecodeArgs, Device, Error, Fp8Capabilities, MetadataArgs, MlaBackend, PageSizes, Result,
+    Stream, Workspace,
 };
 
 /// The `sm_count` the CPU backend reports: the scheduler's parallelism. Fixed (not the thread count) so that the
@@ -101,6 +102,7 @@ impl CpuBackend {
                 dtypes: DType::ALL.to_vec(),
                 head_dims: vec![Capabilities::MLA_HEAD_DIMS],
                 page_sizes: PageSizes::Any,
+                fp8: Fp8Capabilities::full(),
             },
             isa,
             pool,

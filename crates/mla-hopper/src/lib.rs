@@ -25,8 +25,8 @@ use std::sync::Arc;
 
 use cudarc::driver::{CudaContext, CudaFunction, CudaModule, result, sys};
 use mla_core::{
-    Capabilities, DType, DecodeArgs, Device, Error, MetadataArgs, MlaBackend, PageSizes, Result, Stream, TensorDesc,
-    Workspace, WorkspaceLayout,
+    Capabilities, DType, DecodeArgs, Device, Error, Fp8Capabilities, MetadataArgs, MlaBackend, PageSizes, Result,
+    Stream, TensorDesc, Workspace, WorkspaceLayout,
 };
 
 mod error;
@@ -156,6 +156,7 @@ impl HopperBackend {
             dtypes: DType::ALL.to_vec(),
             head_dims: vec![Capabilities::MLA_HEAD_DIMS],
             page_sizes: PageSizes::Only(vec![PAGE_SIZE]),
+            fp8: Fp8Capabilities::none(),
         };
         Ok(HopperBackend { caps, ctx, kernels })
     }

@@ -1,0 +1,631 @@
+//! Decode over an FP8 KV cache (upstream HEAD's `flash_mla_with_kvcache(…, is_fp8_kvcache=True, …)`): its
+//! arguments, the validation every backend runs before touching memory, what a backend supports, and the
+//! scheduler and workspace math.
+//!
+//! Two modes share one argument struct, [`Fp8DecodeArgs`], as they share upstream's one call:
+//!
+//! - **sparse** (`indices` given): every query token attends to its own top-k selection of the cache. An index is
+//!   `page · page_size + offset`; entries outside `[0, num_blocks · page_size)` (−1 above all) are skipped, and
+//!   only the first `topk_length[i]` entries of request `i` count. An optional extra cache with its own indices is
+//!   attended in addition; an optional `attn_sink[h]` scales the output by `exp(lse) / (exp(lse) + exp(sink))`.
+//!   Both layouts of [`crate::fp8`]. `block_table` and `cache_seqlens` are ignored, as upstream.
+//! - **dense** (no `indices`; `block_table` + `cache_seqlens`): attention over each request's first
+//!   `cache_seqlens[i]` tokens, the dense decode of [`crate::problem`] with the V3.2 layout's dequantisation.
+//!
+//! | argument | shape | dtype | mode |
+//! |---|---|---|---|
+//! | `q` | `[b, s_q, h_q, d_qk]` (576 V3.2, 512 MODEL1) | bf16 | both |
+//! | `k_cache` | `[num_blocks, page_size, 1, bytes_per_token]` (656 V3.2, 584 MODEL1) | u8 / e4m3 | both |
+//! | `block_table` | `[b, max_blocks_per_seq]` | i32 | dense |
+//! | `cache_seqlens` | `[b]` | i32 | dense |
+//! | `indices` | `[b, s_q, topk]`, `topk >= 1`, last dim contiguous | i32 | sparse |
+//! | `topk_length` | `[b]`, values in `[0, topk]` | i32 | sparse, optional |
+//! | `attn_sink` | `[h_q]` (any value; +inf zeroes the row's output, −inf has no effect) | f32 | sparse, optional |
+//! | `extra_k_cache` | like `k_cache`, same layout, own page size | u8 / e4m3 | sparse, optional |
+//! | `extra_indices_in_kvcache` | `[b, s_q, extra_topk]`; required with `extra_k_cache` | i32 | sparse |
+//! | `extra_topk_length` | `[b]`, values in `[0, extra_topk]`; only with `extra_k_cache` | i32 | sparse, optional |
+//! | `tile_scheduler_metadata`, `num_splits` | `[num_sm_parts, 8]`, `[b + 1]` ([`num_sm_parts`]) | i32 | both |
+//! | `out` | `[b, s_q, h_q, 512]`, last dim contiguous | bf16 | both |
+//! | `lse` | `[b, h_q, s_q]`, natural log; a row that attends to nothing: `out = 0`, `lse = +inf` | f32 | both |
+//!
+//! The cache's tokens of one page block are contiguous (`k_cache.strides[1] == bytes_per_token`); blocks may be
+//! any distance apart that keeps them from overlapping.
+//!
+//! **Scheduling.** The scheduler of [`crate::scheduler`] runs unchanged on per-request *work lengths*: in dense mode
+//! the lengths themselves; in sparse mode a request's work is its selection, not its context:
+//! `w = max(topk_length, 1)`, and with an extra cache (`extra_topk > 0`) `w = ceil(w / 64) · 64 + extra_topk_length`
+//! (`topk` / `extra_topk` where no length tensor is given), exactly upstream's `get_decoding_sched_meta`. Parts:
+//! `max(1, sm_count / ceil(s_q · h_q / 64))`; the workspace is [`WorkspaceLayout`] with `h_kv = 1`.
+
+use crate::backend::Capabilities;
+use crate::dtype::ScalarType;
+use crate::error::{Error, Result};
+use crate::fp8::Fp8Layout;
+use crate::problem::{
+    HEAD_DIM_V, check_dim, check_dtype, check_index_vector, check_last_contiguous, check_memory,
+    check_metadata_buffers, check_ndim, positive_dim,
+};
+use crate::scheduler::{self, BLOCK_SIZE_N, SchedulePlan};
+use crate::splitkv::WorkspaceLayout;
+use crate::tensor::{Device, TensorDesc};
+
+/// Which optional features a backend's sparse decode supports for one layout (upstream's `DecodeFeatures`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct SparseSupport {
+    /// The cache layout.
+    pub layout: Fp8Layout,
+    /// `attn_sink`.
+    pub attn_sink: bool,
+    /// `topk_length`.
+    pub topk_length: bool,
+    /// `extra_k_cache` + `extra_indices_in_kvcache`.
+    pub extra_cache: bool,
+    /// `extra_topk_length`.
+    pub extra_topk_length: bool,
+}
+
+impl SparseSupport {
+    /// Every feature, for `layout`.
+    pub const fn full(layout: Fp8Layout) -> Self {
+        SparseSupport { layout, attn_sink: true, topk_length: true, extra_cache: true, extra_topk_length: true }
+    }
+}
+
+/// What a backend supports of the decode over FP8 caches; the default supports nothing.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Fp8Capabilities {
+    /// Sparse decode: one entry per supported layout.
+    pub sparse: Vec<SparseSupport>,
+    /// Dense decode: the supported layouts (only V3.2 exists).
+    pub dense: Vec<Fp8Layout>,
+}
+
+impl Fp8Capabilities {
+    /// Nothing supported.
+    pub fn none() -> Self {
+        Self::default()
+    }
+
+    /// Both layouts with every sparse feature, and dense decode over V3.2 (the CPU reference).
+    pub fn full() -> Self {
+        Fp8Capabilities { sparse: Fp8Layout::ALL.map(SparseSupport::full).to_vec(), dense: vec![Fp8Layout::V32] }
+    }
+
+    /// The sparse features supported for `layout`, if any.
+    pub fn sparse_support(&self, layout: Fp8Layout) -> Option<&SparseSupport> {
+        self.sparse.iter().find(|s| s.layout == layout)
+    }
+
+    /// True if anything at all is supported.
+    pub fn any(&self) -> bool {
+        !self.sparse.is_empty() || !self.dense.is_empty()
+    }
+}
+
+/// The error of a backend that does not implement the decode over FP8 caches.
+pub fn unsupported(backend: &str) -> Error {
+    Error::Unsupported {
+        backend: backend.into(),
+        reason: "decode over an FP8 KV cache (sparse or dense) is not implemented by this backend yet; \
+                 the `cpu` backend runs it"
+            .into(),
+    }
+}
+
+/// Arguments of the decode over an FP8 cache, in the order of upstream's `flash_mla_with_kvcache`, plus the
+/// outputs. `indices` picks the mode (module docs).
+#[derive(Clone, Copy, Debug)]
+pub struct Fp8DecodeArgs {
+    /// Queries `[b, s_q, h_q, d_qk]`, bf16.
+    pub q: TensorDesc,
+    /// The cache `[num_blocks, page_size, 1, bytes_per_token]`, u8 or e4m3.
+    pub k_cache: TensorDesc,
+    /// Dense mode: `[b, max_blocks_per_seq]` i32 page ids. Ignored in sparse mode.
+    pub block_table: Option<TensorDesc>,
+    /// Dense mode: `[b]` i32 lengths. Ignored in sparse mode.
+    pub cache_seqlens: Option<TensorDesc>,
+    /// Must be 512.
+    pub head_dim_v: usize,
+    /// From [`crate::MlaBackend::fp8_get_metadata`], `[num_sm_parts, 8]` i32.
+    pub tile_scheduler_metadata: TensorDesc,
+    /// From [`crate::MlaBackend::fp8_get_metadata`], `[b + 1]` i32.
+    pub num_splits: TensorDesc,
+    /// `None`: `d_qk^-0.5`.
+    pub softmax_scale: Option<f32>,
+    /// Dense mode only: bottom-right aligned causal mask (no effect when `s_q == 1`). Must be false with indices.
+    pub causal: bool,
+    /// Sparse mode: `[b, s_q, topk]` i32.
+    pub indices: Option<TensorDesc>,
+    /// Sparse mode, optional: `[h_q]` f32.
+    pub attn_sink: Option<TensorDesc>,
+    /// Sparse mode, optional: a second cache, same layout.
+    pub extra_k_cache: Option<TensorDesc>,
+    /// Sparse mode, with `extra_k_cache`: `[b, s_q, extra_topk]` i32 indices into it.
+    pub extra_indices_in_kvcache: Option<TensorDesc>,
+    /// Sparse mode, optional: `[b]` i32.
+    pub topk_length: Option<TensorDesc>,
+    /// Sparse mode, optional, with `extra_k_cache`: `[b]` i32.
+    pub extra_topk_length: Option<TensorDesc>,
+    /// Output `[b, s_q, h_q, 512]` bf16.
+    pub out: TensorDesc,
+    /// Output `[b, h_q, s_q]` f32.
+    pub lse: TensorDesc,
+}
+
+/// The sizes that fix buffer shapes (`h_kv` is 1 in both layouts).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Fp8Shape {
+    /// Requests.
+    pub batch: usize,
+    /// Query tokens per request.
+    pub s_q: usize,
+    /// Query heads.
+    pub h_q: usize,
+}
+
+impl Fp8Shape {
+    /// Query rows sharing the one KV head: `s_q · h_q` (row `r = t · h_q + h`).
+    pub fn q_rows(&self) -> usize {
+        self.s_q.saturating_mul(self.h_q)
+    }
+
+    /// Where the split partials live for `num_sm_parts` parts.
+    pub fn workspace_layout(&self, num_sm_parts: usize) -> Result<WorkspaceLayout> {
+        WorkspaceLayout::new(self.batch, self.q_rows(), 1, num_sm_parts)
+    }
+}
+
+/// Scheduler parts of a decode over an FP8 cache: `max(1, sm_count / ceil(s_q · h_q / 64))` (upstream's Hopper
+/// formula `sm_count / s_q / (h_q / 64)` for its `h_q` ∈ {64, 128}).
+pub fn num_sm_parts(sm_count: usize, s_q: usize, h_q: usize) -> usize {
+    scheduler::num_sm_parts(sm_count, s_q.saturating_mul(h_q), 1)
+}
+
+/// A cache argument, validated.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CacheGeometry {
+    /// Page blocks.
+    pub num_blocks: usize,
+    /// Tokens per page block.
+    pub page_size: usize,
+    /// Bytes from one block's start to the next.
+    pub block_stride: usize,
+}
+
+impl CacheGeometry {
+    /// Tokens addressable by an index: `num_blocks · page_size` (valid indices are below it).
+    pub fn num_tokens(&self) -> usize {
+        self.num_blocks.saturating_mul(self.page_size)
+    }
+}
+
+/// The extra cache of a sparse problem.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ExtraProblem {
+    /// The extra cache.
+    pub cache: CacheGeometry,
+    /// `extra_indices_in_kvcache.shape[2]` (may be 0).
+    pub topk: usize,
+    /// `extra_topk_length` given.
+    pub has_topk_length: bool,
+}
+
+/// The mode of a validated problem.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Fp8Mode {
+    /// Top-k indices.
+    Sparse {
+        /// `indices.shape[2]`.
+        topk: usize,
+        /// `topk_length` given.
+        has_topk_length: bool,
+        /// `attn_sink` given.
+        has_attn_sink: bool,
+        /// The extra cache, if given.
+        extra: Option<ExtraProblem>,
+    },
+    /// Block table and lengths.
+    Dense {
+        /// Columns of the block table.
+        max_blocks_per_seq: usize,
+        /// Effective causal flag (false when `s_q == 1`).
+        causal: bool,
+    },
+}
+
+/// A validated decode over an FP8 cache.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Fp8Problem {
+    /// The cache layout (from `k_cache.shape[3]`).
+    pub layout: Fp8Layout,
+    /// Sizes.
+    pub shape: Fp8Shape,
+    /// The main cache.
+    pub cache: CacheGeometry,
+    /// Sparse or dense, with the mode's sizes.
+    pub mode: Fp8Mode,
+    /// Softmax scale (default applied).
+    pub softmax_scale: f32,
+    /// Rows of the metadata.
+    pub num_sm_parts: usize,
+}
+
+/// Per-request lengths read on the host, to compute work lengths ([`Fp8Problem::work_lengths`]).
+#[derive(Clone, Copy, Debug)]
+pub enum Fp8Lengths<'a> {
+    /// Sparse mode: the two optional length tensors.
+    Sparse {
+        /// `topk_length`, if given.
+        topk_length: Option<&'a [i32]>,
+        /// `extra_topk_length`, if given.
+        extra_topk_length: Option<&'a [i32]>,
+    },
+    /// Dense mode: `cache_seqlens`.
+    Dense {
+        /// `cache_seqlens`.
+        cache_seqlens: &'a [i32],
+    },
+}
+
+/// Work tokens of one sparse request (module docs): `topk_length` and, with an extra cache, `extra_topk_length`.
+pub fn sparse_work_tokens(topk_length: usize, extra: Option<usize>) -> usize {
+    let w = topk_length.max(1);
+    match extra {
+        Some(e) => w.div_ceil(BLOCK_SIZE_N) * BLOCK_SIZE_N + e,
+        None => w,
+    }
+}
+
+/// Checks a length value: `0 <= v <= max`.
+fn length_value(name: &str, i: usize, v: i32, max: usize, what: &str) -> Result<usize> {
+    usize::try_from(v)
+        .ok()
+        .filter(|&v| v <= max)
+        .ok_or_else(|| Error::invalid(format!("{name}[{i}]"), format!("a length in [0, {max}] ({what})"), v))
+}
+
+fn check_len(name: &str, v: &[i32], batch: usize) -> Result<()> {
+    if v.len() != batch {
+        return Err(Error::invalid(name, format!("{batch} host values"), v.len()));
+    }
+    Ok(())
+}
+
+impl Fp8Problem {
+    /// True in sparse mode.
+    pub fn is_sparse(&self) -> bool {
+        matches!(self.mode, Fp8Mode::Sparse { .. })
+    }
+
+    /// The partial buffers' layout in the workspace.
+    pub fn workspace_layout(&self) -> Result<WorkspaceLayout> {
+        self.shape.workspace_layout(self.num_sm_parts)
+    }
+
+    /// Per-request work lengths for the scheduler, from the host copies of the length tensors; validates every
+    /// length (`topk_length[i]` in `[0, topk]`, `cache_seqlens[i]` in `[0, max_blocks_per_seq · page_size]`, …).
+    pub fn work_lengths(&self, lengths: Fp8Lengths<'_>) -> Result<Vec<i32>> {
+        let b = self.shape.batch;
+        let work: Vec<usize> = match (self.mode, lengths) {
+            (
+                Fp8Mode::Sparse { topk, has_topk_length, extra, .. },
+                Fp8Lengths::Sparse { topk_length, extra_topk_length },
+            ) => {
+                let presence = [
+                    ("topk_length", has_topk_length, topk_length.is_some()),
+                    ("extra_topk_length", extra.is_some_and(|e| e.has_topk_length), extra_topk_length.is_some()),
+                ];
+                for (name, want, got) in presence {
+                    if want != got {
+                        let say = |p: bool| if p { "host values" } else { "none" };
+                        return Err(Error::invalid(name, say(want), say(got)));
+                    }
+                }
+                if let Some(v) = topk_length {
+                    check_len("topk_length", v, b)?;
+                }
+                if let Some(v) = extra_topk_length {
+                    check_len("extra_topk_length", v, b)?;
+                }
+                (0..b)
+                    .map(|i| {
+                        let t = match topk_length {
+                            Some(v) => length_value("topk_length", i, v[i], topk, "topk = indices.shape[2]")?,
+                            None => topk,
+                        };
+                        // Upstream counts the extra cache only when its selection has a width (`extra_topk != 0`).
+                        let e = match extra.filter(|e| e.topk > 0) {
+                            None => None,
+                            Some(e) => Some(match extra_topk_length {
+                                Some(v) => length_value(
+                                    "extra_topk_length",
+                                    i,
+                                    v[i],
+                                    e.topk,
+                                    "extra_topk = extra_indices_in_kvcache.shape[2]",
+                                )?,
+                                None => e.topk,
+                            }),
+                        };
+                        Ok(sparse_work_tokens(t, e))
+                    })
+                    .collect::<Result<_>>()?
+            }
+            (Fp8Mode::Dense { max_blocks_per_seq, .. }, Fp8Lengths::Dense { cache_seqlens }) => {
+                check_len("cache_seqlens", cache_seqlens, b)?;
+                let max = max_blocks_per_seq.saturating_mul(self.cache.page_size);
+                let what = format!("max_blocks_per_seq {max_blocks_per_seq} × page_size {}", self.cache.page_size);
+                (0..b).map(|i| length_value("cache_seqlens", i, cache_seqlens[i], max, &what)).collect::<Result<_>>()?
+            }
+            (_, l) => {
+                let want = if self.is_sparse() { "sparse (topk lengths)" } else { "dense (cache_seqlens)" };
+                return Err(Error::invalid("lengths", want, format!("{l:?}")));
+            }
+        };
+        work.into_iter()
+            .enumerate()
+            .map(|(i, w)| {
+                i32::try_from(w)
+                    .map_err(|_| Error::invalid(format!("request {i}"), "a work length that fits in int32", w))
+            })
+            .collect()
+    }
+
+    /// The schedule of this problem (the host reference of the metadata step).
+    pub fn plan(&self, lengths: Fp8Lengths<'_>) -> Result<SchedulePlan> {
+        scheduler::plan(&self.work_lengths(lengths)?, self.num_sm_parts)
+    }
+}
+
+/// Validates a cache argument; returns its layout and geometry.
+fn check_cache(name: &str, t: &TensorDesc, device: Device) -> Result<(Fp8Layout, CacheGeometry)> {
+    check_ndim(name, t, 4, "[num_blocks, page_size, 1, bytes_per_token]")?;
+    if !matches!(t.dtype, ScalarType::U8 | ScalarType::E4M3) {
+        return Err(Error::invalid(format!("{name}.dtype"), "u8 or e4m3 (the cache's bytes)", t.dtype));
+    }
+    let bytes = t.shape[3];
+    let layout = usize::try_from(bytes).ok().and_then(Fp8Layout::from_bytes_per_token).ok_or_else(|| {
+        Error::invalid(format!("{name}.shape[3]"), "656 (V3.2 layout) or 584 (MODEL1 layout) bytes per token", bytes)
+    })?;
+    let num_blocks = positive_dim(name, t, 0, "num_blocks")?;
+    let page_size = positive_dim(name, t, 1, "page_size")?;
+    if t.shape[2] != 1 {
+        return Err(Error::invalid(format!("{name}.shape[2]"), "1 (h_kv: FP8 caches hold one KV head)", t.shape[2]));
+    }
+    check_last_contiguous(name, t)?;
+    let bpt = layout.bytes_per_token() as i64;
+    if page_size > 1 && t.strides[1] != bpt {
+        return Err(Error::invalid(
+            format!("{name}.strides[1]"),
+            format!("{bpt} (the tokens of a page block are contiguous)"),
+            t.strides[1],
+        ));
+    }
+    let block = layout
+        .block_bytes(page_size)
+        .ok_or_else(|| Error::invalid(format!("{name}.shape[1]"), "a page block size that fits in usize", page_size))?;
+    if num_blocks > 1 && (t.strides[0] < 0 || (t.strides[0] as u64) < block as u64) {
+        return Err(Error::invalid(
+            format!("{name}.strides[0]"),
+            format!(">= {block} (page_size × bytes_per_token: page blocks may not overlap)"),
+            t.strides[0],
+        ));
+    }
+    check_memory(name, t, device)?;
+    let block_stride = if num_blocks > 1 { t.strides[0] as usize } else { block };
+    Ok((layout, CacheGeometry { num_blocks, page_size, block_stride }))
+}
+
+/// Validates a `[b, s_q, k]` index tensor; returns `k` (at least `min_k`).
+fn check_indices(name: &str, t: &TensorDesc, batch: usize, s_q: usize, min_k: usize, device: Device) -> Result<usize> {
+    let k_name = if name == "indices" { "topk" } else { "extra_topk" };
+    check_ndim(name, t, 3, &format!("[b, s_q, {k_name}]"))?;
+    check_dtype(name, t, ScalarType::I32)?;
+    check_dim(name, t, 0, batch)?;
+    check_dim(name, t, 1, s_q)?;
+    let k = t.shape[2];
+    if k < min_k as i64 {
+        return Err(Error::invalid(format!("{name}.shape[2]"), format!("{k_name} >= {min_k}"), k));
+    }
+    check_last_contiguous(name, t)?;
+    check_memory(name, t, device)?;
+    Ok(k as usize)
+}
+
+/// Rejects an argument that the mode does not take.
+fn absent(name: &str, t: &Option<TensorDesc>, why: &str) -> Result<()> {
+    match t {
+        Some(_) => Err(Error::invalid(name, format!("none ({why})"), "a tensor")),
+        None => Ok(()),
+    }
+}
+
+fn unsupported_by(caps: &Capabilities, what: String) -> Error {
+    Error::Unsupported { backend: caps.backend.into(), reason: what }
+}
+
+/// Validates a decode over an FP8 cache against a backend's capabilities.
+pub fn validate_fp8_decode(args: &Fp8DecodeArgs, caps: &Capabilities) -> Result<Fp8Problem> {
+    let device = caps.device;
+    if args.head_dim_v != HEAD_DIM_V {
+        return Err(Error::invalid("head_dim_v", HEAD_DIM_V, args.head_dim_v));
+    }
+
+    // q: [b, s_q, h_q, d_qk] bf16 (d_qk checked against the layout below)
+    let q = &args.q;
+    check_ndim("q", q, 4, "[b, s_q, h_q, d_qk]")?;
+    if q.dtype != ScalarType::Bf16 {
+        return Err(Error::invalid("q.dtype", "bf16 (decode over an FP8 cache takes bfloat16 queries)", q.dtype));
+    }
+    let batch = positive_dim("q", q, 0, "batch size")?;
+    let s_q = positive_dim("q", q, 1, "s_q")?;
+    let h_q = positive_dim("q", q, 2, "h_q")?;
+
+    let (layout, cache) = check_cache("k_cache", &args.k_cache, device)?;
+    if q.shape[3] != layout.head_dim_k() as i64 {
+        return Err(Error::invalid(
+            "q.shape[3]",
+            format!(
+                "{} (d_qk of the {} layout, from k_cache.shape[3] = {})",
+                layout.head_dim_k(),
+                layout.name(),
+                layout.bytes_per_token()
+            ),
+            q.shape[3],
+        ));
+    }
+    check_last_contiguous("q", q)?;
+    check_memory("q", q, device)?;
+
+    let mode = match &args.indices {
+        Some(indices) => {
+            if args.causal {
+                return Err(Error::invalid("causal", "false with indices (sparse decode has no causal mask)", true));
+            }
+            let support = caps.fp8.sparse_support(layout).ok_or_else(|| {
+                unsupported_by(caps, format!("sparse decode over a {} cache (layout from k_cache.shape[3])", layout))
+            })?;
+            let features = [
+                ("attn_sink", args.attn_sink.is_some(), support.attn_sink),
+                ("topk_length", args.topk_length.is_some(), support.topk_length),
+                ("extra_k_cache", args.extra_k_cache.is_some(), support.extra_cache),
+                ("extra_topk_length", args.extra_topk_length.is_some(), support.extra_topk_length),
+            ];
+            if let Some((name, ..)) = features.iter().find(|(_, given, ok)| *given && !ok) {
+                return Err(unsupported_by(caps, format!("`{name}` with the {layout} layout")));
+            }
+            let topk = check_indices("indices", indices, batch, s_q, 1, device)?;
+            if let Some(t) = &args.topk_length {
+                check_index_vector("topk_length", t, batch, device)?;
+            }
+            if let Some(t) = &args.attn_sink {
+                check_ndim("attn_sink", t, 1, &format!("[{h_q}]"))?;
+                check_dtype("attn_sink", t, ScalarType::F32)?;
+                check_dim("attn_sink", t, 0, h_q)?;
+                if h_q > 1 && t.strides[0] != 1 {
+                    return Err(Error::invalid("attn_sink.strides[0]", "1 (contiguous)", t.strides[0]));
+                }
+                check_memory("attn_sink", t, device)?;
+            }
+            let extra = match (&args.extra_k_cache, &args.extra_indices_in_kvcache) {
+                (None, _) => {
+                    absent("extra_indices_in_kvcache", &args.extra_indices_in_kvcache, "no extra_k_cache given")?;
+                    absent("extra_topk_length", &args.extra_topk_length, "no extra_k_cache given")?;
+                    None
+                }
+                (Some(_), None) => {
+                    return Err(Error::invalid(
+                        "extra_indices_in_kvcache",
+                        "a [b, s_q, extra_topk] i32 tensor (required with extra_k_cache)",
+                        "none",
+                    ));
+                }
+                (Some(c), Some(ei)) => {
+                    let (extra_layout, geometry) = check_cache("extra_k_cache", c, device)?;
+                    if extra_layout != layout {
+                        return Err(Error::invalid(
+                            "extra_k_cache.shape[3]",
+                            format!("{} (bytes_per_token of k_cache)", layout.bytes_per_token()),
+                            extra_layout.bytes_per_token(),
+                        ));
+                    }
+                    let topk = check_indices("extra_indices_in_kvcache", ei, batch, s_q, 0, device)?;
+                    if let Some(t) = &args.extra_topk_length {
+                        check_index_vector("extra_topk_length", t, batch, device)?;
+                    }
+                    Some(ExtraProblem { cache: geometry, topk, has_topk_length: args.extra_topk_length.is_some() })
+                }
+            };
+            Fp8Mode::Sparse {
+                topk,
+                has_topk_length: args.topk_length.is_some(),
+                has_attn_sink: args.attn_sink.is_some(),
+                extra,
+            }
+        }
+        None => {
+            if !caps.fp8.dense.contains(&layout) {
+                return Err(unsupported_by(caps, format!("dense decode over a {layout} cache (no indices given)")));
+            }
+            for (name, t) in [
+                ("attn_sink", &args.attn_sink),
+                ("topk_length", &args.topk_length),
+                ("extra_k_cache", &args.extra_k_cache),
+                ("extra_indices_in_kvcache", &args.extra_indices_in_kvcache),
+                ("extra_topk_length", &args.extra_topk_length),
+            ] {
+                absent(name, t, "dense decode: no indices given")?;
+            }
+            let bt = args.block_table.as_ref().ok_or_else(|| {
+                Error::invalid("block_table", "a [b, max_blocks_per_seq] i32 tensor (dense decode: no indices)", "none")
+            })?;
+            check_ndim("block_table", bt, 2, "[b, max_blocks_per_seq]")?;
+            check_dtype("block_table", bt, ScalarType::I32)?;
+            check_dim("block_table", bt, 0, batch)?;
+            check_last_contiguous("block_table", bt)?;
+            check_memory("block_table", bt, device)?;
+            let seqlens = args.cache_seqlens.as_ref().ok_or_else(|| {
+                Error::invalid("cache_seqlens", "a [b] i32 tensor (dense decode: no indices)", "none")
+            })?;
+            check_index_vector("cache_seqlens", seqlens, batch, device)?;
+            Fp8Mode::Dense { max_blocks_per_seq: bt.shape[1].max(0) as usize, causal: args.causal && s_q > 1 }
+        }
+    };
+
+    let shape = Fp8Shape { batch, s_q, h_q };
+    let parts = num_sm_parts(caps.sm_count, s_q, h_q);
+    check_metadata_buffers(&args.tile_scheduler_metadata, &args.num_splits, batch, parts, device)?;
+
+    let softmax_scale = args.softmax_scale.unwrap_or_else(|| layout.default_softmax_scale());
+    if !(softmax_scale.is_finite() && softmax_scale > 0.0) {
+        return Err(Error::invalid("softmax_scale", "a finite value > 0", softmax_scale));
+    }
+
+    let out = &args.out;
+    check_ndim("out", out, 4, "[b, s_q, h_q, 512]")?;
+    check_dtype("out", out, ScalarType::Bf16)?;
+    for (i, want) in [batch, s_q, h_q, HEAD_DIM_V].into_iter().enumerate() {
+        check_dim("out", out, i, want)?;
+    }
+    check_last_contiguous("out", out)?;
+    check_memory("out", out, device)?;
+
+    let lse = &args.lse;
+    check_ndim("lse", lse, 3, "[b, h_q, s_q]")?;
+    check_dtype("lse", lse, ScalarType::F32)?;
+    for (i, want) in [batch, h_q, s_q].into_iter().enumerate() {
+        check_dim("lse", lse, i, want)?;
+    }
+    check_memory("lse", lse, device)?;
+
+    Ok(Fp8Problem { layout, shape, cache, mode, softmax_scale, num_sm_parts: parts })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn work_tokens_follow_upstream() {
+        // No extra cache: the selection, at least 1.
+        assert_eq!(sparse_work_tokens(0, None), 1);
+        assert_eq!(sparse_work_tokens(2048, None), 2048);
+        // Extra cache: the main part rounded up to 64-token blocks, then the extra selection.
+        assert_eq!(sparse_work_tokens(0, Some(0)), 64);
+        assert_eq!(sparse_work_tokens(65, Some(10)), 138);
+        assert_eq!(sparse_work_tokens(128, Some(512)), 640);
+    }
+
+    #[test]
+    fn parts_match_upstream_for_its_head_counts() {
+        for sms in [132usize, 78, 114] {
+            for s_q in 1..=4 {
+                for h_q in [64, 128] {
+                    assert_eq!(num_sm_parts(sms, s_q, h_q), (sms / s_q / (h_q / 64)).max(1));
+                }
+            }
+        }
+        assert_eq!(num_sm_parts(32, 1, 16), 32);
+        assert_eq!(num_sm_parts(32, 3, 100), 6);
+    }
+}
