@@ -11,6 +11,9 @@
 //! | attend | `kernel` | one rayon task per (work item, KV head): online softmax over 64-token blocks |
 //! | combine | `kernel` | one rayon task per (split request, KV head): LSE merge of the workspace partials |
 //!
+//! The decode over FP8 caches (sparse top-k and dense, [`mla_core::sparse`]) is the `fp8` module: an exact
+//! reference that dequantises each selected token row once; [`fp8problem`] holds its host problems.
+//!
 //! Also here: [`problem`] (owned host problems, random engine-like problems, a host runner) and [`roofline`] (this
 //! machine's copy bandwidth and FMA peak, for the benchmarks).
 //!
@@ -20,6 +23,8 @@
 //! in a fixed order, and the scalar and SIMD inner loops share one logical accumulation order (`simd` module docs).
 //! Results are therefore bitwise identical for any thread count and instruction set.
 
+mod fp8;
+pub mod fp8problem;
 mod kernel;
 mod prepare;
 pub mod problem;
@@ -31,8 +36,8 @@ use std::sync::Arc;
 pub use simd::Isa;
 
 use mla_core::{
-    Capabilities, DType, DecodeArgs, Device, Error, Fp8Capabilities, MetadataArgs, MlaBackend, PageSizes, Result,
-    Stream, Workspace,
+    Capabilities, DType, DecodeArgs, Device, Error, Fp8Capabilities, Fp8DecodeArgs, Fp8Shape, MetadataArgs, MlaBackend,
+    PageSizes, Result, Stream, Workspace,
 };
 
 /// The `sm_count` the CPU backend reports: the scheduler's parallelism. Fixed (not the thread count) so that the
@@ -166,5 +171,21 @@ impl MlaBackend for CpuBackend {
         let ws = kernel::SharedPtr(workspace.ptr.cast::<u8>());
         self.install(|| kernel::run(args, &prob, &prep, self.isa, ws));
         Ok(())
+    }
+
+    /// 0: the CPU computes each row in one pass and keeps no partials.
+    fn fp8_workspace_size(&self, _shape: &Fp8Shape) -> Result<usize> {
+        Ok(0)
+    }
+
+    fn fp8_get_metadata(&self, args: &Fp8DecodeArgs, _stream: Stream) -> Result<()> {
+        fp8::get_metadata(args, &self.caps)
+    }
+
+    /// Synchronous: returns when `out` and `lse` are written. On any error nothing has been written. The metadata
+    /// must be this problem's ([`MlaBackend::fp8_get_metadata`]); the workspace is not used.
+    fn fp8_decode(&self, args: &Fp8DecodeArgs, _workspace: Workspace, _stream: Stream) -> Result<()> {
+        let prep = fp8::prepare(args, &self.caps)?;
+        self.install(|| fp8::run(args, &prep))
     }
 }
