@@ -377,8 +377,8 @@ impl Fp8Problem {
     }
 }
 
-/// Validates a cache argument; returns its layout and geometry.
-fn check_cache(name: &str, t: &TensorDesc, device: Device) -> Result<(Fp8Layout, CacheGeometry)> {
+/// Validates a cache argument named `name` (`k_cache`, `extra_k_cache`, …); returns its layout and geometry.
+pub fn validate_cache(name: &str, t: &TensorDesc, device: Device) -> Result<(Fp8Layout, CacheGeometry)> {
     check_ndim(name, t, 4, "[num_blocks, page_size, 1, bytes_per_token]")?;
     if !matches!(t.dtype, ScalarType::U8 | ScalarType::E4M3) {
         return Err(Error::invalid(format!("{name}.dtype"), "u8 or e4m3 (the cache's bytes)", t.dtype));
@@ -461,7 +461,7 @@ pub fn validate_fp8_decode(args: &Fp8DecodeArgs, caps: &Capabilities) -> Result<
     let s_q = positive_dim("q", q, 1, "s_q")?;
     let h_q = positive_dim("q", q, 2, "h_q")?;
 
-    let (layout, cache) = check_cache("k_cache", &args.k_cache, device)?;
+    let (layout, cache) = validate_cache("k_cache", &args.k_cache, device)?;
     if q.shape[3] != layout.head_dim_k() as i64 {
         return Err(Error::invalid(
             "q.shape[3]",
@@ -521,7 +521,7 @@ pub fn validate_fp8_decode(args: &Fp8DecodeArgs, caps: &Capabilities) -> Result<
                     ));
                 }
                 (Some(c), Some(ei)) => {
-                    let (extra_layout, geometry) = check_cache("extra_k_cache", c, device)?;
+                    let (extra_layout, geometry) = validate_cache("extra_k_cache", c, device)?;
                     if extra_layout != layout {
                         return Err(Error::invalid(
                             "extra_k_cache.shape[3]",
