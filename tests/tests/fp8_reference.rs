@@ -332,3 +332,70 @@ fn results_do_not_depend_on_the_thread_count() {
         }
     }
 }
+
+/// The worked example of docs/sparse-fp8.md: every number quoted there is checked here.
+#[test]
+fn worked_example_of_the_docs() {
+    use mla_cpu::fp8problem::Fp8Selection;
+    // Two pages of two tokens, V3.2; token n has every NoPE column equal to [1.0, 0.5, -1.0, 2.0][n], RoPE 0.
+    let nope = [1.0f32, 0.5, -1.0, 2.0];
+    let values: Vec<f32> = nope.iter().flat_map(|&v| (0..576).map(move |c| if c < 512 { v } else { 0.0 })).collect();
+    let cache = Fp8Cache::quantize(Fp8Layout::V32, 2, 2, &values).unwrap();
+    // Token 0: 512 codes 0x78 (256), four scales 2^-8 = 0x3B800000 little-endian, 128 zero bytes of RoPE.
+    assert!(cache.bytes[..512].iter().all(|&b| b == 0x78));
+    assert_eq!(&cache.bytes[512..528], &[0x00, 0x00, 0x80, 0x3B].repeat(4)[..]);
+    assert!(cache.bytes[528..656].iter().all(|&b| b == 0));
+    // Token 2 (-1.0): codes 0xF8, scale 2^-8; token 3 (2.0): codes 0x78, scale 2^-7 = 0x3C000000.
+    assert_eq!((cache.bytes[2 * 656], cache.bytes[3 * 656]), (0xF8, 0x78));
+    assert_eq!(&cache.bytes[3 * 656 + 512..3 * 656 + 516], &[0x00, 0x00, 0x00, 0x3C]);
+    assert_eq!(cache.dequantize().unwrap(), values);
+    let m1 = Fp8Cache::quantize(
+        Fp8Layout::Model1,
+        2,
+        2,
+        &values[..].chunks(576).flat_map(|r| &r[64..]).copied().collect::<Vec<_>>(),
+    )
+    .unwrap();
+    // MODEL1, the same tokens cut to 512 columns: token 1's scales at 2·576 + 8 = 1160, UE8M0 2^-9 = 118.
+    assert_eq!(m1.block_stride, 1728);
+    assert_eq!(&m1.bytes[1160..1168], &[118, 118, 118, 118, 118, 118, 118, 0]);
+
+    // One request, one query token, one head; q = 2^-9 on every NoPE column, 0 on RoPE; softmax_scale 1, so the
+    // score of token n is exactly nope[n].
+    let q: Vec<u16> = (0..576).map(|c| if c < 512 { 0x3B00 } else { 0 }).collect(); // bf16 2^-9
+    let sparse = |sink: Option<f32>| Fp8HostProblem {
+        layout: Fp8Layout::V32,
+        batch: 1,
+        s_q: 1,
+        h_q: 1,
+        q: q.clone(),
+        mode: Fp8HostMode::Sparse {
+            main: Fp8Selection { cache: cache.clone(), indices: vec![0, 2, -1, 5], topk: 4, topk_length: None },
+            extra: None,
+            attn_sink: sink.map(|s| vec![s]),
+        },
+        softmax_scale: Some(1.0),
+    };
+    // Tokens 0 and 2 (−1 and 5 are skipped): out = (e·1 + e⁻¹·(−1)) / (e + e⁻¹) = tanh 1, lse = ln(e + e⁻¹).
+    let r = run(&sparse(None), 1);
+    assert_eq!(r.out[0], 0.761_718_75); // tanh 1 = 0.761594… in bfloat16
+    assert!(r.out.iter().all(|&x| x == r.out[0]));
+    assert!((r.lse[0] - 1.126_928).abs() < 1e-6, "{}", r.lse[0]);
+    // attn_sink 0: out *= 1 / (1 + e^(0 − lse)) = 0.755272…; lse unchanged.
+    let s = run(&sparse(Some(0.0)), 1);
+    assert_eq!((s.out[0], s.lse[0]), (0.574_218_75, r.lse[0])); // 0.575210… in bfloat16
+    // Dense: cache_seqlens [3], block_table [[0, 1]]: tokens 0, 1, 2 with scores 1, 0.5, −1.
+    let dense = Fp8HostProblem {
+        mode: Fp8HostMode::Dense {
+            cache: cache.clone(),
+            block_table: vec![0, 1],
+            max_blocks_per_seq: 2,
+            seqlens: vec![3],
+            causal: false,
+        },
+        ..sparse(None)
+    };
+    let d = run(&dense, 1);
+    assert_eq!(d.out[0], 0.671_875); // 0.670505… in bfloat16
+    assert!((d.lse[0] - 1.554_957).abs() < 1e-6, "{}", d.lse[0]);
+}

@@ -628,4 +628,132 @@ mod tests {
         assert_eq!(num_sm_parts(32, 1, 16), 32);
         assert_eq!(num_sm_parts(32, 3, 100), 6);
     }
+
+    fn sparse_problem(topk: usize, has_topk_length: bool, extra: Option<(usize, bool)>) -> Fp8Problem {
+        let cache = CacheGeometry { num_blocks: 4, page_size: 64, block_stride: 64 * 656 };
+        Fp8Problem {
+            layout: Fp8Layout::V32,
+            shape: Fp8Shape { batch: 3, s_q: 2, h_q: 64 },
+            cache,
+            mode: Fp8Mode::Sparse {
+                topk,
+                has_topk_length,
+                has_attn_sink: false,
+                extra: extra.map(|(topk, has_topk_length)| ExtraProblem { cache, topk, has_topk_length }),
+            },
+            softmax_scale: 0.1,
+            num_sm_parts: 2,
+        }
+    }
+
+    #[test]
+    fn work_lengths_of_sparse_and_dense_problems() {
+        let p = sparse_problem(128, true, Some((512, true)));
+        let l = Fp8Lengths::Sparse { topk_length: Some(&[0, 65, 128]), extra_topk_length: Some(&[0, 10, 512]) };
+        assert_eq!(p.work_lengths(l).unwrap(), vec![64, 138, 640]);
+        // Without length tensors: topk and extra_topk for every request.
+        let p = sparse_problem(100, false, Some((7, false)));
+        let l = Fp8Lengths::Sparse { topk_length: None, extra_topk_length: None };
+        assert_eq!(p.work_lengths(l).unwrap(), vec![135; 3]);
+        // An extra cache of width 0 is not counted (upstream: `if (extra_topk)`).
+        let p = sparse_problem(100, false, Some((0, false)));
+        assert_eq!(p.work_lengths(l).unwrap(), vec![100; 3]);
+        let dense = Fp8Problem { mode: Fp8Mode::Dense { max_blocks_per_seq: 2, causal: false }, ..p };
+        assert_eq!(dense.work_lengths(Fp8Lengths::Dense { cache_seqlens: &[0, 128, 5] }).unwrap(), vec![0, 128, 5]);
+        // The schedule runs on those lengths: 3 requests of 1, 3 and 10 blocks over 2 parts.
+        let p = sparse_problem(128, true, Some((512, true)));
+        let l = Fp8Lengths::Sparse { topk_length: Some(&[0, 65, 128]), extra_topk_length: Some(&[0, 10, 512]) };
+        assert_eq!(p.plan(l).unwrap(), scheduler::plan(&[64, 138, 640], 2).unwrap());
+    }
+
+    #[test]
+    fn bad_lengths_are_named() {
+        let err = |p: &Fp8Problem, l| p.work_lengths(l).unwrap_err().to_string();
+        let p = sparse_problem(16, true, Some((8, true)));
+        let e = err(&p, Fp8Lengths::Sparse { topk_length: Some(&[0, 17, 0]), extra_topk_length: Some(&[0; 3]) });
+        assert!(e.contains("`topk_length[1]`: expected a length in [0, 16]") && e.ends_with("got 17"), "{e}");
+        let e = err(&p, Fp8Lengths::Sparse { topk_length: Some(&[0, 0, 0]), extra_topk_length: Some(&[0, 0, -1]) });
+        assert!(e.contains("`extra_topk_length[2]`: expected a length in [0, 8]"), "{e}");
+        let e = err(&p, Fp8Lengths::Sparse { topk_length: None, extra_topk_length: Some(&[0; 3]) });
+        assert!(e.contains("`topk_length`: expected host values, got none"), "{e}");
+        let e = err(&p, Fp8Lengths::Sparse { topk_length: Some(&[0; 2]), extra_topk_length: Some(&[0; 3]) });
+        assert!(e.contains("`topk_length`: expected 3 host values, got 2"), "{e}");
+        let e = err(&p, Fp8Lengths::Dense { cache_seqlens: &[0; 3] });
+        assert!(e.contains("`lengths`"), "{e}");
+        let dense = Fp8Problem { mode: Fp8Mode::Dense { max_blocks_per_seq: 2, causal: false }, ..p };
+        let e = err(&dense, Fp8Lengths::Dense { cache_seqlens: &[0, 129, 0] });
+        assert!(e.contains("`cache_seqlens[1]`: expected a length in [0, 128]"), "{e}");
+        let big = sparse_problem(i32::MAX as usize, false, Some((64, false)));
+        let e = err(&big, Fp8Lengths::Sparse { topk_length: None, extra_topk_length: None });
+        assert!(e.contains("`request 0`: expected a work length that fits in int32"), "{e}");
+    }
+
+    #[test]
+    fn workspace_matches_upstream_buffers() {
+        // Upstream allocates lse_accum [b + parts, s_q, h_q] and o_accum [b + parts, s_q, h_q, 512], float32.
+        let l = Fp8Shape { batch: 4, s_q: 2, h_q: 128 }.workspace_layout(33).unwrap();
+        assert_eq!(l.rows, 37);
+        assert_eq!(l.o_offset, (37 * 256 * 4usize).next_multiple_of(256));
+        assert_eq!(l.total_bytes, l.o_offset + 37 * 256 * 512 * 4);
+        assert_eq!(l.lse_index(5, 0, 3 * 128 + 7), 5 * 256 + 3 * 128 + 7);
+    }
+
+    #[test]
+    fn capabilities_gate_layouts_modes_and_features() {
+        use crate::backend::PageSizes;
+        use crate::dtype::DType;
+        use crate::tensor::{HostTensor, HostTensorMut};
+        let caps = |fp8: Fp8Capabilities| Capabilities {
+            backend: "test",
+            device: Device::Host,
+            device_name: String::new(),
+            sm_count: 4,
+            compute_capability: None,
+            dtypes: DType::ALL.to_vec(),
+            head_dims: vec![Capabilities::MLA_HEAD_DIMS],
+            page_sizes: PageSizes::Any,
+            fp8,
+        };
+        let (q, cache, ind, sink) = (vec![half::bf16::ZERO; 512], vec![0u8; 2 * 584], vec![0i32; 3], vec![0f32; 1]);
+        let (mut meta, mut splits) = (vec![0i32; 4 * 8], vec![0i32; 2]);
+        let (mut out, mut lse) = (vec![half::bf16::ZERO; 512], vec![0f32; 1]);
+        let args = Fp8DecodeArgs {
+            q: HostTensor::new(&q, &[1, 1, 1, 512]).unwrap().desc(),
+            k_cache: HostTensor::new(&cache, &[1, 2, 1, 584]).unwrap().desc(),
+            block_table: None,
+            cache_seqlens: None,
+            head_dim_v: 512,
+            tile_scheduler_metadata: HostTensorMut::new(&mut meta, &[4, 8]).unwrap().desc(),
+            num_splits: HostTensorMut::new(&mut splits, &[2]).unwrap().desc(),
+            softmax_scale: None,
+            causal: false,
+            indices: Some(HostTensor::new(&ind, &[1, 1, 3]).unwrap().desc()),
+            attn_sink: Some(HostTensor::new(&sink, &[1]).unwrap().desc()),
+            extra_k_cache: None,
+            extra_indices_in_kvcache: None,
+            topk_length: None,
+            extra_topk_length: None,
+            out: HostTensorMut::new(&mut out, &[1, 1, 1, 512]).unwrap().desc(),
+            lse: HostTensorMut::new(&mut lse, &[1, 1, 1]).unwrap().desc(),
+        };
+        let p = validate_fp8_decode(&args, &caps(Fp8Capabilities::full())).unwrap();
+        assert_eq!((p.layout, p.softmax_scale, p.num_sm_parts), (Fp8Layout::Model1, 512f32.sqrt().recip(), 4));
+        assert_eq!(p.mode, Fp8Mode::Sparse { topk: 3, has_topk_length: false, has_attn_sink: true, extra: None });
+        let unsupported = |fp8| match validate_fp8_decode(&args, &caps(fp8)) {
+            Err(Error::Unsupported { reason, .. }) => reason,
+            other => panic!("{other:?}"),
+        };
+        assert!(unsupported(Fp8Capabilities::none()).contains("sparse decode over a model1 cache"));
+        let no_sink = SparseSupport { attn_sink: false, ..SparseSupport::full(Fp8Layout::Model1) };
+        let r = unsupported(Fp8Capabilities { sparse: vec![no_sink], dense: vec![] });
+        assert!(r.contains("`attn_sink` with the model1 layout"), "{r}");
+        // Dense mode (no indices) over a MODEL1 cache: not a mode any backend has.
+        let dense = Fp8DecodeArgs { indices: None, attn_sink: None, ..args };
+        match validate_fp8_decode(&dense, &caps(Fp8Capabilities::full())) {
+            Err(Error::Unsupported { reason, .. }) => {
+                assert!(reason.contains("dense decode over a model1"), "{reason}")
+            }
+            other => panic!("{other:?}"),
+        }
+    }
 }
