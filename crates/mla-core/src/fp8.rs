@@ -23,8 +23,8 @@
 //! | `[576·page_size + 8t, 576·page_size + 8t + 7)` | 7 UE8M0 scales of token `t`; scale `k` covers columns `[64k, 64k + 64)` |
 //! | `576·page_size + 8t + 7` | pad byte (written 0, never read) |
 //!
-//! **Scales.** A UE8M0 byte `e` is the power of two `2^(e − 127)` (`0xFF` is NaN). The quantiser (upstream's
-//! `tests/quant.py`, which defines both layouts) gives every tile the scale
+//! **Scales.** A UE8M0 byte `e` is the power of two `2^(e − 127)` (`0xFF` is NaN). The quantiser (upstream's, whose
+//! test code defines both layouts; docs/sparse-fp8.md) gives every tile the scale
 //! `s = 2^ceil(log2(max(amax / 448, 1e-4)))`, `amax` the tile's largest magnitude and `amax / 448` an f32 division,
 //! and stores `e4m3(x / s)` (round to nearest even); V3.2 stores `s` as a float32, MODEL1 as UE8M0. Here the power of
 //! two is found exactly from the bits of the f32 (upstream takes a float `log2`, which for `amax / 448` a few ulps

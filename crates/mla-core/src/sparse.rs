@@ -34,7 +34,7 @@
 //! **Scheduling.** The scheduler of [`crate::scheduler`] runs unchanged on per-request *work lengths*: in dense mode
 //! the lengths themselves; in sparse mode a request's work is its selection, not its context:
 //! `w = max(topk_length, 1)`, and with an extra cache (`extra_topk > 0`) `w = ceil(w / 64) · 64 + extra_topk_length`
-//! (`topk` / `extra_topk` where no length tensor is given), exactly upstream's `get_decoding_sched_meta`. Parts:
+//! (`topk` / `extra_topk` where no length tensor is given), exactly upstream's scheduler (docs/sparse-fp8.md). Parts:
 //! `max(1, sm_count / ceil(s_q · h_q / 64))`; the workspace is [`WorkspaceLayout`] with `h_kv = 1`.
 
 use crate::backend::Capabilities;
@@ -385,7 +385,12 @@ pub fn validate_cache(name: &str, t: &TensorDesc, device: Device) -> Result<(Fp8
     }
     let bytes = t.shape[3];
     let layout = usize::try_from(bytes).ok().and_then(Fp8Layout::from_bytes_per_token).ok_or_else(|| {
-        Error::invalid(format!("{name}.shape[3]"), "656 (V3.2 layout) or 584 (MODEL1 layout) bytes per token", bytes)
+        let want = format!(
+            "{} (V3.2 layout) or {} (MODEL1 layout) bytes per token",
+            Fp8Layout::V32.bytes_per_token(),
+            Fp8Layout::Model1.bytes_per_token()
+        );
+        Error::invalid(format!("{name}.shape[3]"), want, bytes)
     })?;
     let num_blocks = positive_dim(name, t, 0, "num_blocks")?;
     let page_size = positive_dim(name, t, 1, "page_size")?;
