@@ -21,8 +21,10 @@
 #include <stdint.h>
 
 // Version of the C ABI described by `include/flashmla.h`. Bumped on every incompatible change (a changed
-// signature, struct layout or constant value); compare it with `flashmla_abi_version()` at load time.
-#define FLASHMLA_ABI_VERSION 1
+// signature, struct layout or constant value) and when entry points are added; compare it with
+// `flashmla_abi_version()` at load time. Version 2 added the decode over FP8 caches (`flashmla_fp8_*`,
+// `flashmla_backend_fp8_capabilities`) and `FLASHMLA_DTYPE_U8`; every version-1 entry point is unchanged.
+#define FLASHMLA_ABI_VERSION 2
 
 // int32 words per row of `tile_scheduler_metadata` (its shape is `[num_sm_parts, FLASHMLA_METADATA_WORDS]`).
 #define FLASHMLA_METADATA_WORDS 8
@@ -38,6 +40,21 @@
 
 // Capacity of `flashmla_capabilities.page_sizes`.
 #define FLASHMLA_MAX_PAGE_SIZES 16
+
+// Sparse feature bit: `attn_sink` is supported.
+#define FLASHMLA_SPARSE_ATTN_SINK 1
+
+// Sparse feature bit: `topk_length` is supported.
+#define FLASHMLA_SPARSE_TOPK_LENGTH 2
+
+// Sparse feature bit: `extra_k_cache` with `extra_indices_in_kvcache` is supported.
+#define FLASHMLA_SPARSE_EXTRA_CACHE 4
+
+// Sparse feature bit: `extra_topk_length` is supported.
+#define FLASHMLA_SPARSE_EXTRA_TOPK_LENGTH 8
+
+// Capacity of `flashmla_fp8_capabilities.sparse_features` (indexed by `flashmla_fp8_layout` code).
+#define FLASHMLA_FP8_MAX_LAYOUTS 4
 
 // Most dimensions a tensor of this API has (the length of `shape` and `strides`).
 #define FLASHMLA_MAX_NDIM 4
@@ -85,8 +102,12 @@ enum flashmla_dtype
   FLASHMLA_DTYPE_E4M3 = 3,
   // IEEE binary32 (`lse`, descales).
   FLASHMLA_DTYPE_F32 = 4,
-  // 32-bit signed integer (`block_table`, `cache_seqlens`, scheduler metadata).
+  // 32-bit signed integer (`block_table`, `cache_seqlens`, scheduler metadata, sparse indices).
   FLASHMLA_DTYPE_I32 = 5,
+  // Raw bytes: an FP8 KV cache (`k_cache` / `extra_k_cache` of the `flashmla_fp8_*` calls). The library reads
+  // them as `FLASHMLA_DTYPE_E4M3` (the two codes are interchangeable, and error messages name the dtype
+  // `e4m3`). Since ABI version 2.
+  FLASHMLA_DTYPE_U8 = 6,
 };
 #ifndef __cplusplus
 #if __STDC_VERSION__ >= 202311L
@@ -112,6 +133,26 @@ enum flashmla_device_type
 typedef enum flashmla_device_type flashmla_device_type;
 #else
 typedef int32_t flashmla_device_type;
+#endif // __STDC_VERSION__ >= 202311L
+#endif // __cplusplus
+
+// FP8 KV-cache layout codes (bit `1u << code` in `flashmla_fp8_capabilities`). The layout of a cache follows from
+// its last dimension: 656 bytes per token is V3.2, 584 is MODEL1.
+enum flashmla_fp8_layout
+#if defined(__cplusplus) || __STDC_VERSION__ >= 202311L
+  : int32_t
+#endif // defined(__cplusplus) || __STDC_VERSION__ >= 202311L
+ {
+  // DeepSeek V3.2: d_qk 576, 656 bytes per token (512 e4m3, 4 float32 scales, 64 bfloat16 RoPE).
+  FLASHMLA_FP8_LAYOUT_V32 = 1,
+  // MODEL1 (DeepSeek V4): d_qk 512, 584 bytes per token (448 e4m3, 64 bfloat16 RoPE, 7 UE8M0 scales, 1 pad).
+  FLASHMLA_FP8_LAYOUT_MODEL1 = 2,
+};
+#ifndef __cplusplus
+#if __STDC_VERSION__ >= 202311L
+typedef enum flashmla_fp8_layout flashmla_fp8_layout;
+#else
+typedef int32_t flashmla_fp8_layout;
 #endif // __STDC_VERSION__ >= 202311L
 #endif // __cplusplus
 
@@ -177,6 +218,74 @@ typedef struct flashmla_tensor {
 // A CUDA stream: pass a `cudaStream_t` / `CUstream` (converts implicitly to `void*`), or NULL for the device's
 // legacy default stream. The CPU backend ignores it and finishes its work before returning.
 typedef void *flashmla_stream;
+
+// What a backend supports of the decode over FP8 caches. Filled by `flashmla_backend_fp8_capabilities`.
+typedef struct flashmla_fp8_capabilities {
+  // Sparse decode: bit `1u << FLASHMLA_FP8_LAYOUT_x` for each supported layout (0: no sparse decode).
+  uint32_t sparse_layouts;
+  // Dense decode: bit `1u << FLASHMLA_FP8_LAYOUT_x` for each supported layout (0: no dense decode).
+  uint32_t dense_layouts;
+  // `sparse_features[code]`: the `FLASHMLA_SPARSE_*` bits supported with layout `code` (0 when unsupported).
+  uint32_t sparse_features[FLASHMLA_FP8_MAX_LAYOUTS];
+} flashmla_fp8_capabilities;
+
+// Parameters of `flashmla_fp8_get_metadata` and `flashmla_fp8_decode`, in the order of upstream's
+// `flash_mla_with_kvcache(..., is_fp8_kvcache=True, ...)`. Zero-initialise it, set `struct_size` to
+// `sizeof(flashmla_fp8_decode_params)`, then the tensors; a NULL tensor pointer is an absent argument.
+//
+// Sparse mode (`indices` non-NULL): `q [b, s_q, h_q, d_qk]` bf16 (d_qk 576 V3.2, 512 MODEL1); `k_cache
+// [num_blocks, page_size, 1, bytes_per_token]` u8 or e4m3 (656 or 584; the tokens of a page block contiguous);
+// `indices [b, s_q, topk]` i32 (`page * page_size + offset`; entries outside `[0, num_blocks * page_size)` are
+// skipped); optional `topk_length [b]` i32, `attn_sink [h_q]` f32, `extra_k_cache` (same layout) with
+// `extra_indices_in_kvcache [b, s_q, extra_topk]` i32 and optional `extra_topk_length [b]` i32. `block_table` and
+// `cache_seqlens` are ignored. `causal` must be 0.
+//
+// Dense mode (`indices` NULL; V3.2 layout): `block_table [b, max_blocks_per_seq]` i32 and `cache_seqlens [b]`
+// i32; `causal` nonzero applies the bottom-right aligned mask; the sparse-only tensors must be NULL.
+//
+// Both: `tile_scheduler_metadata [num_sm_parts, 8]` and `num_splits [b + 1]` i32 (`flashmla_fp8_num_sm_parts`),
+// `out [b, s_q, h_q, 512]` bf16, `lse [b, h_q, s_q]` f32 (a row that attends to nothing: out 0, lse +inf);
+// `head_dim_v` 512; `softmax_scale` NaN means `d_qk^-0.5`.
+typedef struct flashmla_fp8_decode_params {
+  // `sizeof(flashmla_fp8_decode_params)` as the caller compiled it: the struct's version.
+  uint32_t struct_size;
+  // Dense mode: nonzero for the causal mask. Must be 0 with indices.
+  int32_t causal;
+  // Must be 512.
+  int64_t head_dim_v;
+  // NaN: the default `d_qk^-0.5`.
+  float softmax_scale;
+  // Must be 0.
+  uint32_t reserved;
+  // Queries.
+  const struct flashmla_tensor *q;
+  // The cache.
+  const struct flashmla_tensor *k_cache;
+  // Dense mode: page ids.
+  const struct flashmla_tensor *block_table;
+  // Dense mode: lengths.
+  const struct flashmla_tensor *cache_seqlens;
+  // From `flashmla_fp8_get_metadata`.
+  const struct flashmla_tensor *tile_scheduler_metadata;
+  // From `flashmla_fp8_get_metadata`.
+  const struct flashmla_tensor *num_splits;
+  // Sparse mode: the selection.
+  const struct flashmla_tensor *indices;
+  // Sparse mode, optional.
+  const struct flashmla_tensor *attn_sink;
+  // Sparse mode, optional: a second cache.
+  const struct flashmla_tensor *extra_k_cache;
+  // Sparse mode, with `extra_k_cache`.
+  const struct flashmla_tensor *extra_indices_in_kvcache;
+  // Sparse mode, optional.
+  const struct flashmla_tensor *topk_length;
+  // Sparse mode, optional, with `extra_k_cache`.
+  const struct flashmla_tensor *extra_topk_length;
+  // Output.
+  const struct flashmla_tensor *out;
+  // Output.
+  const struct flashmla_tensor *lse;
+} flashmla_fp8_decode_params;
 
 #ifdef __cplusplus
 extern "C" {
@@ -292,6 +401,78 @@ flashmla_status flashmla_with_kvcache(const struct flashmla_backend *backend,
                                       void *workspace,
                                       int64_t workspace_bytes,
                                       flashmla_stream stream);
+
+// Fills `*out_caps` with what the backend supports of the decode over FP8 caches. A backend without it reports
+// all zeros (its `flashmla_fp8_*` calls then return `FLASHMLA_STATUS_UNSUPPORTED`).
+//
+// # Safety
+// `backend` is NULL or a live handle; `out_caps` is NULL or writable.
+flashmla_status flashmla_backend_fp8_capabilities(const struct flashmla_backend *backend,
+                                                  struct flashmla_fp8_capabilities *out_caps);
+
+// Rows of `tile_scheduler_metadata` for a decode over an FP8 cache with `s_q` query tokens and `h_q` heads.
+//
+// # Safety
+// `backend` is NULL or a live handle; `out_num_sm_parts` is NULL or writable.
+flashmla_status flashmla_fp8_num_sm_parts(const struct flashmla_backend *backend,
+                                          int64_t s_q,
+                                          int64_t h_q,
+                                          int64_t *out_num_sm_parts);
+
+// Bytes of workspace `flashmla_fp8_decode` needs (0 on the CPU backend, which keeps no partials).
+//
+// # Safety
+// `backend` is NULL or a live handle; `out_bytes` is NULL or writable.
+flashmla_status flashmla_fp8_workspace_size(const struct flashmla_backend *backend,
+                                            int64_t batch,
+                                            int64_t s_q,
+                                            int64_t h_q,
+                                            int64_t *out_bytes);
+
+// The scheduler step of a decode over an FP8 cache: from the decode's own parameters, reads the lengths that fix
+// each request's work (`topk_length` / `extra_topk_length`, or `cache_seqlens` in dense mode) and writes
+// `tile_scheduler_metadata` and `num_splits`. Reuse the result while the shapes and those lengths stay the same
+// (the CPU backend rejects a stale one). On a GPU this only enqueues work on `stream`.
+//
+// # Safety
+// `backend` is NULL or a live handle; `params` is NULL or readable, each of its tensor pointers NULL or a
+// descriptor of memory valid for its shape and strides (writable for the two metadata outputs).
+flashmla_status flashmla_fp8_get_metadata(const struct flashmla_backend *backend,
+                                          const struct flashmla_fp8_decode_params *params,
+                                          flashmla_stream stream);
+
+// The decode step over an FP8 cache (see `flashmla_fp8_decode_params`), writing `out` and `lse`. `workspace` is
+// caller-owned device memory of at least `flashmla_fp8_workspace_size` bytes (NULL when that is 0). On a GPU the
+// call only enqueues work on `stream`. On any error status nothing has been written to `out` or `lse`.
+//
+// # Safety
+// As `flashmla_fp8_get_metadata` (`out` and `lse` writable); `workspace` is valid for `workspace_bytes` bytes.
+flashmla_status flashmla_fp8_decode(const struct flashmla_backend *backend,
+                                    const struct flashmla_fp8_decode_params *params,
+                                    void *workspace,
+                                    int64_t workspace_bytes,
+                                    flashmla_stream stream);
+
+// Quantises a host cache: `values [num_blocks, page_size, 1, d_qk]` (f32 or bf16) into `cache [num_blocks,
+// page_size, 1, bytes_per_token]` (u8 or e4m3; the layout from `bytes_per_token`), exactly as upstream's
+// `quantize_k_cache` (docs/sparse-fp8.md). Bytes between page blocks are left as they are.
+//
+// Both tensors are validated first (`cache` as `k_cache` is; tensors that overlap are rejected); on an error
+// nothing has been written.
+//
+// # Safety
+// Both pointers are NULL or readable descriptors of host memory valid for their shapes and strides (`cache`
+// writable) for the call.
+flashmla_status flashmla_fp8_quantize(const struct flashmla_tensor *values,
+                                      const struct flashmla_tensor *cache);
+
+// Dequantises a host cache into `values [num_blocks, page_size, 1, d_qk]` (f32 or bf16; exact for bf16: every
+// dequantised value is a bfloat16).
+//
+// # Safety
+// As `flashmla_fp8_quantize`, with `values` writable instead of `cache`.
+flashmla_status flashmla_fp8_dequantize(const struct flashmla_tensor *cache,
+                                        const struct flashmla_tensor *values);
 
 // The message of the last failed `flashmla_*` call on this thread, or `""` if the last call succeeded.
 //

@@ -3,7 +3,7 @@
 //! refuses a library of another at load time.
 //!
 //! Off by default: the in-tree C tests link `target/<profile>/libflashmla.so` directly, and a SONAME would make their
-//! programs look for a `libflashmla.so.1` that only an install creates.
+//! programs look for a `libflashmla.so.<ABI>` that only an install creates.
 
 use std::env;
 use std::path::PathBuf;

@@ -84,6 +84,10 @@
 //! ```
 //!
 //! `examples/host_decode.rs` is the same on a larger problem, checked against float64.
+//!
+//! The decode over FP8 caches (DeepSeek V3.2 and MODEL1 layouts, sparse top-k or dense) is re-exported too:
+//! [`Fp8DecodeArgs`], [`Fp8Layout`], [`Fp8Cache`], [`Fp8Capabilities`], [`MlaBackend::fp8_get_metadata`],
+//! [`MlaBackend::fp8_decode`] (docs/sparse-fp8.md).
 
 pub mod registry;
 

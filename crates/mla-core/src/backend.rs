@@ -20,6 +20,7 @@ use crate::problem::{
     DecodeArgs, DecodeShape, HEAD_DIM_K, HEAD_DIM_V, MetadataArgs, ValidatedDecode, ValidatedMetadata, validate_decode,
 };
 use crate::scheduler;
+use crate::sparse::{self, Fp8Capabilities, Fp8DecodeArgs, Fp8Shape, ValidatedFp8Decode, ValidatedFp8Metadata};
 use crate::splitkv::WorkspaceLayout;
 use crate::tensor::{Device, Element};
 
@@ -151,6 +152,9 @@ pub struct Capabilities {
     pub head_dims: Vec<(usize, usize)>,
     /// Supported page sizes.
     pub page_sizes: PageSizes,
+    /// Decode over FP8 caches (sparse and dense): layouts and optional features; [`Fp8Capabilities::none`] when the
+    /// backend has none (its `fp8_*` methods then answer [`crate::Error::Unsupported`]).
+    pub fp8: Fp8Capabilities,
 }
 
 impl Capabilities {
@@ -206,4 +210,53 @@ pub trait MlaBackend: Send + Sync {
     /// The decode step on arguments and a workspace already validated against this backend: only
     /// device-specific checks remain (alignment, say).
     fn decode_validated(&self, v: &ValidatedDecode, stream: Stream) -> Result<()>;
+
+    /// Rows of `tile_scheduler_metadata` for a decode over an FP8 cache ([`sparse::num_sm_parts`]).
+    fn fp8_num_sm_parts(&self, s_q: usize, h_q: usize) -> usize {
+        sparse::num_sm_parts(self.capabilities().sm_count, s_q, h_q)
+    }
+
+    /// Bytes of workspace [`MlaBackend::fp8_decode`] needs for this shape. Default: unsupported.
+    fn fp8_workspace_size(&self, _shape: &Fp8Shape) -> Result<usize> {
+        Err(sparse::unsupported(self.name()))
+    }
+
+    /// The scheduler step of a decode over an FP8 cache: reads the lengths that fix each request's work
+    /// (`topk_length` / `extra_topk_length` in sparse mode, `cache_seqlens` in dense mode) and writes
+    /// `tile_scheduler_metadata` and `num_splits`. It takes the decode's own arguments, as upstream computes the
+    /// metadata in the first `flash_mla_with_kvcache` call; reuse the result while the shapes and those lengths
+    /// stay the same.
+    ///
+    /// Validates every argument once ([`crate::sparse::validate_fp8_metadata`]: the decode's checks, with the two
+    /// metadata buffers as the outputs) and hands the result to [`MlaBackend::fp8_metadata_validated`]; backends
+    /// implement that, not this.
+    fn fp8_get_metadata(&self, args: &Fp8DecodeArgs, stream: Stream) -> Result<()> {
+        let v = ValidatedFp8Metadata::new(args, self.capabilities())?;
+        self.fp8_metadata_validated(&v, stream)
+    }
+
+    /// The scheduler step of a decode over an FP8 cache, on arguments already validated against this backend's
+    /// capabilities. Default: unsupported.
+    fn fp8_metadata_validated(&self, _v: &ValidatedFp8Metadata, _stream: Stream) -> Result<()> {
+        Err(sparse::unsupported(self.name()))
+    }
+
+    /// The decode over an FP8 cache, sparse (with `indices`) or dense, writing `out` and `lse`
+    /// ([`crate::sparse`] documents the arguments).
+    ///
+    /// Validates every argument ([`crate::validate_fp8_decode`]) and the workspace (size from
+    /// [`MlaBackend::fp8_workspace_size`], device, no overlap) once and hands the result to
+    /// [`MlaBackend::fp8_decode_validated`]; backends implement that, not this.
+    fn fp8_decode(&self, args: &Fp8DecodeArgs, workspace: Workspace, stream: Stream) -> Result<()> {
+        let problem = sparse::validate_fp8_decode(args, self.capabilities())?;
+        let need = self.fp8_workspace_size(&problem.shape)?;
+        let v = ValidatedFp8Decode::new(args, problem, workspace, need, self.capabilities())?;
+        self.fp8_decode_validated(&v, stream)
+    }
+
+    /// The decode over an FP8 cache on arguments and a workspace already validated against this backend: only
+    /// device-specific checks remain. Default: unsupported.
+    fn fp8_decode_validated(&self, _v: &ValidatedFp8Decode, _stream: Stream) -> Result<()> {
+        Err(sparse::unsupported(self.name()))
+    }
 }

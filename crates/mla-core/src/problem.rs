@@ -125,7 +125,7 @@ pub struct DecodeProblem {
     pub num_sm_parts: usize,
 }
 
-fn check_ndim(name: &str, t: &TensorDesc, n: usize, what: &str) -> Result<()> {
+pub(crate) fn check_ndim(name: &str, t: &TensorDesc, n: usize, what: &str) -> Result<()> {
     if t.ndim() != n {
         return Err(Error::invalid(
             format!("{name}.ndim"),
@@ -136,21 +136,21 @@ fn check_ndim(name: &str, t: &TensorDesc, n: usize, what: &str) -> Result<()> {
     Ok(())
 }
 
-fn check_dtype(name: &str, t: &TensorDesc, want: ScalarType) -> Result<()> {
+pub(crate) fn check_dtype(name: &str, t: &TensorDesc, want: ScalarType) -> Result<()> {
     if t.dtype() != want {
         return Err(Error::invalid(format!("{name}.dtype"), want, t.dtype()));
     }
     Ok(())
 }
 
-fn check_dim(name: &str, t: &TensorDesc, i: usize, want: usize) -> Result<()> {
+pub(crate) fn check_dim(name: &str, t: &TensorDesc, i: usize, want: usize) -> Result<()> {
     if t.dims()[i] != want as i64 {
         return Err(Error::invalid(format!("{name}.shape[{i}]"), want, t.dims()[i]));
     }
     Ok(())
 }
 
-fn positive_dim(name: &str, t: &TensorDesc, i: usize, what: &str) -> Result<usize> {
+pub(crate) fn positive_dim(name: &str, t: &TensorDesc, i: usize, what: &str) -> Result<usize> {
     let d = t.dims()[i];
     if d < 1 {
         return Err(Error::invalid(format!("{name}.shape[{i}]"), format!("{what} >= 1"), d));
@@ -158,7 +158,7 @@ fn positive_dim(name: &str, t: &TensorDesc, i: usize, what: &str) -> Result<usiz
     Ok(d as usize)
 }
 
-fn check_last_contiguous(name: &str, t: &TensorDesc) -> Result<()> {
+pub(crate) fn check_last_contiguous(name: &str, t: &TensorDesc) -> Result<()> {
     let last = t.ndim() - 1;
     if t.dims()[last] > 1 && t.stride_slice()[last] != 1 {
         return Err(Error::invalid(
@@ -170,7 +170,7 @@ fn check_last_contiguous(name: &str, t: &TensorDesc) -> Result<()> {
     Ok(())
 }
 
-fn check_contiguous(name: &str, t: &TensorDesc) -> Result<()> {
+pub(crate) fn check_contiguous(name: &str, t: &TensorDesc) -> Result<()> {
     if !t.is_contiguous() {
         let want = crate::tensor::contiguous_strides(t.dims());
         return Err(Error::invalid(
@@ -183,7 +183,7 @@ fn check_contiguous(name: &str, t: &TensorDesc) -> Result<()> {
 }
 
 /// Device, null pointer, negative stride and size-overflow checks shared by every tensor.
-fn check_memory(name: &str, t: &TensorDesc, device: Device) -> Result<()> {
+pub(crate) fn check_memory(name: &str, t: &TensorDesc, device: Device) -> Result<()> {
     if t.device() != device {
         return Err(Error::invalid(format!("{name}.device"), device, t.device()));
     }
@@ -211,7 +211,7 @@ fn check_memory(name: &str, t: &TensorDesc, device: Device) -> Result<()> {
 
 /// An output must be writable: a [`crate::HostTensor`] view borrows its slice shared, so writing through it would
 /// be undefined behaviour.
-fn check_writable(name: &str, t: &TensorDesc) -> Result<()> {
+pub(crate) fn check_writable(name: &str, t: &TensorDesc) -> Result<()> {
     if !t.is_writable() {
         return Err(Error::invalid(
             name,
@@ -223,14 +223,14 @@ fn check_writable(name: &str, t: &TensorDesc) -> Result<()> {
 }
 
 /// The bytes a memory argument addresses, for the overlap check (empty ranges never overlap).
-struct Region<'n> {
+pub(crate) struct Region<'n> {
     name: &'n str,
     range: (usize, usize),
     written: bool,
 }
 
 impl<'n> Region<'n> {
-    fn of(name: &'n str, t: &TensorDesc, written: bool) -> Self {
+    pub(crate) fn of(name: &'n str, t: &TensorDesc, written: bool) -> Self {
         // check_memory has run on every tensor, so the range exists; an empty one never overlaps.
         Region { name, range: t.byte_range().unwrap_or((0, 0)), written }
     }
@@ -238,7 +238,7 @@ impl<'n> Region<'n> {
 
 /// No memory the call writes may overlap any other argument's memory: the backends write outputs while reading
 /// inputs, from many threads, and a copied writable descriptor must not alias itself in two roles.
-fn check_disjoint(regions: &[Region]) -> Result<()> {
+pub(crate) fn check_disjoint(regions: &[Region]) -> Result<()> {
     for (k, a) in regions.iter().enumerate() {
         for b in &regions[k + 1..] {
             let overlap =
@@ -259,7 +259,7 @@ fn check_disjoint(regions: &[Region]) -> Result<()> {
     Ok(())
 }
 
-fn check_index_vector(name: &str, t: &TensorDesc, len: usize, device: Device) -> Result<()> {
+pub(crate) fn check_index_vector(name: &str, t: &TensorDesc, len: usize, device: Device) -> Result<()> {
     check_ndim(name, t, 1, &format!("[{len}]"))?;
     check_dtype(name, t, ScalarType::I32)?;
     check_dim(name, t, 0, len)?;
@@ -267,7 +267,7 @@ fn check_index_vector(name: &str, t: &TensorDesc, len: usize, device: Device) ->
     check_memory(name, t, device)
 }
 
-fn check_metadata_buffers(
+pub(crate) fn check_metadata_buffers(
     meta: &TensorDesc,
     splits: &TensorDesc,
     batch: usize,
@@ -457,12 +457,20 @@ pub fn validate_decode(args: &DecodeArgs, caps: &Capabilities) -> Result<DecodeP
 /// Checks the workspace of a decode call: size (against the backend's `workspace_size`), address, device, and that
 /// it overlaps no tensor of the call.
 fn check_workspace(args: &DecodeArgs, ws: &Workspace, need: usize, device: Device) -> Result<()> {
+    check_workspace_of(decode_regions(args), ws, need, "workspace_size", device)
+}
+
+/// Checks a workspace against `need` bytes (`size_fn` names the backend method that gave it, for the message), its
+/// address and device, and that it overlaps none of the call's `regions`.
+pub(crate) fn check_workspace_of(
+    mut regions: Vec<Region>,
+    ws: &Workspace,
+    need: usize,
+    size_fn: &str,
+    device: Device,
+) -> Result<()> {
     if ws.bytes() < need {
-        return Err(Error::invalid(
-            "workspace_bytes",
-            format!(">= {need} (workspace_size for this shape)"),
-            ws.bytes(),
-        ));
+        return Err(Error::invalid("workspace_bytes", format!(">= {need} ({size_fn} for this shape)"), ws.bytes()));
     }
     if need == 0 {
         return Ok(());
@@ -481,7 +489,6 @@ fn check_workspace(args: &DecodeArgs, ws: &Workspace, need: usize, device: Devic
             format!("{:p} + {}", ws.ptr(), ws.bytes()),
         )
     })?;
-    let mut regions = decode_regions(args);
     regions.push(Region { name: "workspace", range: (start, end), written: true });
     check_disjoint(&regions)
 }

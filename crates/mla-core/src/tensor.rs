@@ -244,6 +244,12 @@ impl Element for f32 {
 impl Element for i32 {
     const SCALAR: ScalarType = ScalarType::I32;
 }
+/// Raw bytes are described as E4M3, the element type of an FP8 KV cache ([`crate::fp8`]): what the API takes
+/// bytes for. (A separate `u8` scalar type would be one more variant for every exhaustive match on [`ScalarType`];
+/// the C ABI's `FLASHMLA_DTYPE_U8` maps onto E4M3 the same way.)
+impl Element for u8 {
+    const SCALAR: ScalarType = ScalarType::E4M3;
+}
 
 /// A descriptor of `len` elements at `ptr`, checked to address only those. The caller ties it to its borrow.
 fn host_desc<'a, T: Element>(

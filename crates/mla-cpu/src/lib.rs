@@ -11,6 +11,9 @@
 //! | attend | `kernel` | one rayon task per (work item, KV head): online softmax over 64-token blocks |
 //! | combine | `kernel` | one rayon task per (split request, KV head): LSE merge of the workspace partials |
 //!
+//! The decode over FP8 caches (sparse top-k and dense, [`mla_core::sparse`]) is the `fp8` module: an exact
+//! reference that dequantises each selected token row once; [`fp8problem`] holds its host problems.
+//!
 //! Also here: [`problem`] (owned host problems, random engine-like problems, a host runner) and [`roofline`] (this
 //! machine's copy bandwidth and FMA peak, for the benchmarks).
 //!
@@ -20,6 +23,8 @@
 //! in a fixed order, and the scalar and SIMD inner loops share one logical accumulation order (`simd` module docs).
 //! Results are therefore bitwise identical for any thread count and instruction set.
 
+mod fp8;
+pub mod fp8problem;
 mod kernel;
 mod prepare;
 pub mod problem;
@@ -31,7 +36,8 @@ use std::sync::Arc;
 pub use simd::Isa;
 
 use mla_core::{
-    Capabilities, DType, Device, Error, MlaBackend, PageSizes, Result, Stream, ValidatedDecode, ValidatedMetadata,
+    Capabilities, DType, Device, Error, Fp8Capabilities, Fp8Shape, MlaBackend, PageSizes, Result, Stream,
+    ValidatedDecode, ValidatedFp8Decode, ValidatedFp8Metadata, ValidatedMetadata,
 };
 
 /// The `sm_count` the CPU backend reports: the scheduler's parallelism. Fixed (not the thread count) so that the
@@ -101,6 +107,7 @@ impl CpuBackend {
                 dtypes: DType::ALL.to_vec(),
                 head_dims: vec![Capabilities::MLA_HEAD_DIMS],
                 page_sizes: PageSizes::Any,
+                fp8: Fp8Capabilities::full(),
             },
             isa,
             pool,
@@ -166,5 +173,23 @@ impl MlaBackend for CpuBackend {
         let args = kernel::SharedArgs(args);
         self.install(move || kernel::run(args, prob, prep, isa, ws));
         Ok(())
+    }
+
+    /// 0: the CPU computes each row in one pass and keeps no partials.
+    fn fp8_workspace_size(&self, _shape: &Fp8Shape) -> Result<usize> {
+        Ok(0)
+    }
+
+    fn fp8_metadata_validated(&self, v: &ValidatedFp8Metadata, _stream: Stream) -> Result<()> {
+        fp8::get_metadata(v.args(), v.problem())
+    }
+
+    /// Synchronous: returns when `out` and `lse` are written. On any error nothing has been written. The metadata
+    /// must be this problem's ([`MlaBackend::fp8_get_metadata`]); the workspace is not used.
+    fn fp8_decode_validated(&self, v: &ValidatedFp8Decode, _stream: Stream) -> Result<()> {
+        let args = v.args();
+        let prep = fp8::prepare(args, v.problem())?;
+        let (args, prep) = (fp8::SharedArgs(args), &prep);
+        self.install(move || fp8::run(args, prep))
     }
 }

@@ -119,22 +119,22 @@ pub struct RandomSpec {
 }
 
 /// SplitMix64.
-struct Rng(u64);
+pub(crate) struct Rng(pub(crate) u64);
 
 impl Rng {
-    fn next(&mut self) -> u64 {
+    pub(crate) fn next(&mut self) -> u64 {
         self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
         let mut z = self.0;
         z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
         z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
         z ^ (z >> 31)
     }
-    fn below(&mut self, n: usize) -> usize {
+    pub(crate) fn below(&mut self, n: usize) -> usize {
         (self.next() % n.max(1) as u64) as usize
     }
     /// Approximately standard normal: a centred sum of four uniforms (Irwin–Hall), cheap enough to fill
     /// gigabyte caches quickly; the tails end at ±3.46σ.
-    fn normal(&mut self) -> f64 {
+    pub(crate) fn normal(&mut self) -> f64 {
         let x = self.next();
         let u = |k: u32| ((x >> (16 * k)) & 0xFFFF) as f64 / 65536.0;
         (u(0) + u(1) + u(2) + u(3) - 2.0) * 3f64.sqrt()

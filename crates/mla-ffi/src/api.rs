@@ -16,8 +16,10 @@ use crate::tensor::{flashmla_device_type, flashmla_dtype, flashmla_tensor, optio
 use mla::{BACKEND_NAMES, open_backend};
 
 /// Version of the C ABI described by `include/flashmla.h`. Bumped on every incompatible change (a changed
-/// signature, struct layout or constant value); compare it with `flashmla_abi_version()` at load time.
-pub const FLASHMLA_ABI_VERSION: u32 = 1;
+/// signature, struct layout or constant value) and when entry points are added; compare it with
+/// `flashmla_abi_version()` at load time. Version 2 added the decode over FP8 caches (`flashmla_fp8_*`,
+/// `flashmla_backend_fp8_capabilities`) and `FLASHMLA_DTYPE_U8`; every version-1 entry point is unchanged.
+pub const FLASHMLA_ABI_VERSION: u32 = 2;
 
 /// int32 words per row of `tile_scheduler_metadata` (its shape is `[num_sm_parts, FLASHMLA_METADATA_WORDS]`).
 pub const FLASHMLA_METADATA_WORDS: i32 = 8;
@@ -45,7 +47,7 @@ pub type flashmla_stream = *mut c_void;
 /// once, after every other call on it has returned.
 #[allow(non_camel_case_types)]
 pub struct flashmla_backend {
-    inner: Box<dyn MlaBackend>,
+    pub(crate) inner: Box<dyn MlaBackend>,
     name: CString,
     device_name: CString,
 }
@@ -101,28 +103,28 @@ const _: () = assert!(std::mem::offset_of!(flashmla_capabilities, page_sizes) ==
 ///
 /// # Safety
 /// `p` is NULL or a live handle from `flashmla_backend_open`.
-unsafe fn backend_arg<'a>(p: *const flashmla_backend) -> Result<&'a flashmla_backend> {
+pub(crate) unsafe fn backend_arg<'a>(p: *const flashmla_backend) -> Result<&'a flashmla_backend> {
     // SAFETY: the caller guarantees `p` is NULL or a live handle; handles are only ever read.
     unsafe { p.as_ref() }.ok_or_else(|| Error::invalid("backend", "a handle from flashmla_backend_open", "NULL"))
 }
 
 /// Checks that an output pointer is non-null.
-fn out_arg<T>(name: &str, p: *mut T) -> Result<*mut T> {
+pub(crate) fn out_arg<T>(name: &str, p: *mut T) -> Result<*mut T> {
     if p.is_null() { Err(Error::invalid(name, "a non-null pointer", "NULL")) } else { Ok(p) }
 }
 
 /// A count that must be >= 1.
-fn count_arg(name: &str, v: i64) -> Result<usize> {
+pub(crate) fn count_arg(name: &str, v: i64) -> Result<usize> {
     usize::try_from(v).ok().filter(|v| *v >= 1).ok_or_else(|| Error::invalid(name, "a value >= 1", v))
 }
 
 /// A size that must be >= 0.
-fn size_arg(name: &str, v: i64) -> Result<usize> {
+pub(crate) fn size_arg(name: &str, v: i64) -> Result<usize> {
     usize::try_from(v).map_err(|_| Error::invalid(name, "a value >= 0", v))
 }
 
 /// Converts a size for an `int64_t` out-parameter.
-fn to_i64(name: &str, v: usize) -> Result<i64> {
+pub(crate) fn to_i64(name: &str, v: usize) -> Result<i64> {
     i64::try_from(v).map_err(|_| Error::invalid(name, "a result that fits in int64_t", v))
 }
 

@@ -14,7 +14,7 @@
 //! the enum-like fields are decoded with checks, never transmuted. The dtype is our own small code rather than a
 //! `DLDataType` triple so that a caller cannot express lanes or bit widths we do not support; the mapping is
 //! `BF16 = (kDLBfloat, 16, 1)`, `FP16 = (kDLFloat, 16, 1)`, `E4M3 = (kDLFloat8_e4m3fn, 8, 1)`,
-//! `F32 = (kDLFloat, 32, 1)`, `I32 = (kDLInt, 32, 1)`.
+//! `F32 = (kDLFloat, 32, 1)`, `I32 = (kDLInt, 32, 1)`, `U8 = (kDLUInt, 8, 1)`.
 
 use std::ffi::c_void;
 
@@ -39,13 +39,23 @@ pub enum flashmla_dtype {
     E4M3 = 3,
     /// IEEE binary32 (`lse`, descales).
     F32 = 4,
-    /// 32-bit signed integer (`block_table`, `cache_seqlens`, scheduler metadata).
+    /// 32-bit signed integer (`block_table`, `cache_seqlens`, scheduler metadata, sparse indices).
     I32 = 5,
+    /// Raw bytes: an FP8 KV cache (`k_cache` / `extra_k_cache` of the `flashmla_fp8_*` calls). The library reads
+    /// them as `FLASHMLA_DTYPE_E4M3` (the two codes are interchangeable, and error messages name the dtype
+    /// `e4m3`). Since ABI version 2.
+    U8 = 6,
 }
 
 /// Every dtype code, in order (private: cbindgen would export a public array as a broken macro).
-const ALL_DTYPES: [flashmla_dtype; 5] =
-    [flashmla_dtype::BF16, flashmla_dtype::FP16, flashmla_dtype::E4M3, flashmla_dtype::F32, flashmla_dtype::I32];
+const ALL_DTYPES: [flashmla_dtype; 6] = [
+    flashmla_dtype::BF16,
+    flashmla_dtype::FP16,
+    flashmla_dtype::E4M3,
+    flashmla_dtype::F32,
+    flashmla_dtype::I32,
+    flashmla_dtype::U8,
+];
 
 impl flashmla_dtype {
     /// Decodes a raw code.
@@ -61,10 +71,12 @@ impl flashmla_dtype {
             flashmla_dtype::E4M3 => ScalarType::E4M3,
             flashmla_dtype::F32 => ScalarType::F32,
             flashmla_dtype::I32 => ScalarType::I32,
+            // Bytes are described as E4M3 in the core (`mla_core::Element for u8`).
+            flashmla_dtype::U8 => ScalarType::E4M3,
         }
     }
 
-    /// The code of a core scalar type.
+    /// The code of a core scalar type (never `U8`: the core describes bytes as E4M3).
     pub const fn of_scalar(s: ScalarType) -> Self {
         match s {
             ScalarType::Bf16 => flashmla_dtype::BF16,
@@ -149,7 +161,7 @@ impl flashmla_tensor {
             .filter(|n| *n <= FLASHMLA_MAX_NDIM)
             .ok_or_else(|| Error::invalid(format!("{name}.ndim"), format!("0 to {FLASHMLA_MAX_NDIM}"), self.ndim))?;
         let dtype = flashmla_dtype::from_code(self.dtype).ok_or_else(|| {
-            Error::invalid(format!("{name}.dtype"), "a flashmla_dtype code (1 = BF16 ... 5 = I32)", self.dtype)
+            Error::invalid(format!("{name}.dtype"), "a flashmla_dtype code (1 = BF16 ... 6 = U8)", self.dtype)
         })?;
         let device = match self.device_type {
             t if t == flashmla_device_type::CPU as i32 => {
@@ -237,7 +249,7 @@ mod tests {
         assert!(err(flashmla_tensor { ndim: -1, ..t() }).contains("`x.ndim`"));
         assert!(err(flashmla_tensor { ndim: 5, ..t() }).contains("`x.ndim`: expected 0 to 4, got 5"));
         assert!(err(flashmla_tensor { dtype: 0, ..t() }).contains("`x.dtype`"));
-        assert!(err(flashmla_tensor { dtype: 6, ..t() }).contains("`x.dtype`"));
+        assert!(err(flashmla_tensor { dtype: 7, ..t() }).contains("`x.dtype`"));
         assert!(err(flashmla_tensor { device_type: 3, ..t() }).contains("`x.device_type`"));
         assert!(err(flashmla_tensor { device_id: 1, ..t() }).contains("`x.device_id`"));
         assert!(err(flashmla_tensor { device_type: 2, device_id: -1, ..t() }).contains("`x.device_id`"));
@@ -252,8 +264,11 @@ mod tests {
     fn dtype_codes_round_trip() {
         for d in ALL_DTYPES {
             assert_eq!(flashmla_dtype::from_code(d as i32), Some(d));
-            assert_eq!(flashmla_dtype::of_scalar(d.scalar()), d);
+            // U8 is read as E4M3 (raw cache bytes), so it comes back as E4M3.
+            let back = if d == flashmla_dtype::U8 { flashmla_dtype::E4M3 } else { d };
+            assert_eq!(flashmla_dtype::of_scalar(d.scalar()), back);
         }
+        assert_eq!(flashmla_dtype::U8.scalar(), ScalarType::E4M3);
         assert_eq!(flashmla_dtype::from_code(0), None);
     }
 }

@@ -6,6 +6,7 @@
 //! |---|---|---|
 //! | `header_compiles_as_c99_and_cpp17` | a file that only includes `include/flashmla.h` | the header is clean C99 and C++17 |
 //! | `c11_program` | `tests/c/abi_test.c` | scheduler + decode on the CPU backend vs. the closed form |
+//! | `c11_fp8_program` | `tests/c/fp8_test.c` | ABI 2: quantisation and a sparse decode over an FP8 cache vs. its closed form |
 //! | `cpp17_program` | `tests/cpp/abi_test.cpp` | the same from six threads sharing one handle |
 //! | `docs_example_compiles_and_runs` | the C block of `docs/c-api.md` | the documented example compiles and is right |
 //! | `exports_only_flashmla_symbols` | — | `nm -D` of the library |
@@ -130,6 +131,13 @@ fn c11_program() {
 }
 
 #[test]
+fn c11_fp8_program() {
+    let exe = build_program(&repo_root().join("tests/c/fp8_test.c"), "fp8_test_c", "c11");
+    let stdout = run(Command::new(exe), "tests/c/fp8_test.c");
+    assert!(stdout.contains("fp8_test.c: ok"), "{stdout}");
+}
+
+#[test]
 fn cpp17_program() {
     let exe = build_program(&repo_root().join("tests/cpp/abi_test.cpp"), "abi_test_cpp", "c++17");
     let stdout = run(Command::new(exe), "tests/cpp/abi_test.cpp");
@@ -162,7 +170,7 @@ fn exports_only_flashmla_symbols() {
     let names: Vec<&str> = listing.lines().filter_map(|l| l.split_whitespace().nth(2)).collect();
     let stray: Vec<&&str> = names.iter().filter(|n| !n.starts_with("flashmla_")).collect();
     assert!(stray.is_empty(), "libflashmla.so exports symbols without the flashmla_ prefix: {stray:?}");
-    for f in common::ENTRY_POINTS {
+    for f in common::ENTRY_POINTS.into_iter().chain(common::FP8_ENTRY_POINTS) {
         assert!(names.contains(&f), "{f} is not exported: {names:?}");
     }
 }

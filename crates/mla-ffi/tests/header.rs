@@ -51,5 +51,5 @@ fn header_declares_every_exported_function() {
     for f in common::ENTRY_POINTS {
         assert!(header.contains(&format!("{f}(")), "{f} missing from include/flashmla.h");
     }
-    assert!(header.contains("#define FLASHMLA_ABI_VERSION 1"));
+    assert!(header.contains("#define FLASHMLA_ABI_VERSION 2"));
 }

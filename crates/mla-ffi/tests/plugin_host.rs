@@ -152,7 +152,7 @@ fn assert_matches(p: &Problem, r: &Reference, what: &str) {
 fn results_match_mla_cpu_called_directly() {
     let api = Api::load();
     // SAFETY: no arguments.
-    assert_eq!(unsafe { (api.abi_version)() }, 1);
+    assert_eq!(unsafe { (api.abi_version)() }, 2);
     // SAFETY: static string.
     let version = unsafe { CStr::from_ptr((api.version)()) }.to_str().unwrap();
     assert_eq!(version, env!("CARGO_PKG_VERSION"));

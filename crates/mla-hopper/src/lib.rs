@@ -25,8 +25,8 @@ use std::sync::Arc;
 
 use cudarc::driver::{CudaContext, CudaFunction, CudaModule, result, sys};
 use mla_core::{
-    Capabilities, DType, Device, Error, MlaBackend, PageSizes, Result, Stream, TensorDesc, ValidatedDecode,
-    ValidatedMetadata, WorkspaceLayout,
+    Capabilities, DType, Device, Error, Fp8Capabilities, MlaBackend, PageSizes, Result, Stream, TensorDesc,
+    ValidatedDecode, ValidatedMetadata, WorkspaceLayout,
 };
 
 mod error;
@@ -161,6 +161,7 @@ impl HopperBackend {
             dtypes: DType::ALL.to_vec(),
             head_dims: vec![Capabilities::MLA_HEAD_DIMS],
             page_sizes: PageSizes::Only(vec![PAGE_SIZE]),
+            fp8: Fp8Capabilities::none(),
         };
         Ok(HopperBackend { caps, ctx, kernels })
     }

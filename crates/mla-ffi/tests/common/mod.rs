@@ -31,6 +31,17 @@ pub const ENTRY_POINTS: [&str; 11] = [
     "flashmla_with_kvcache",
 ];
 
+/// The entry points ABI version 2 added (the decode over FP8 caches), declared in `include/flashmla.h` too.
+pub const FP8_ENTRY_POINTS: [&str; 7] = [
+    "flashmla_backend_fp8_capabilities",
+    "flashmla_fp8_num_sm_parts",
+    "flashmla_fp8_workspace_size",
+    "flashmla_fp8_get_metadata",
+    "flashmla_fp8_decode",
+    "flashmla_fp8_quantize",
+    "flashmla_fp8_dequantize",
+];
+
 pub type Status = i32;
 pub const OK: Status = 0;
 pub const INVALID_ARGUMENT: Status = 1;
