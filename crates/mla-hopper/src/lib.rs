@@ -58,8 +58,8 @@ mod cubins {
 /// shared-memory plan) instead of the embedded one. `docs/gpu.md` describes the workflow.
 pub const SPLITKV_CUBIN_ENV: &str = "FLASHMLA_HOPPER_SPLITKV_CUBIN";
 
-/// Tokens per KV page (and per kernel tile).
-pub const PAGE_SIZE: usize = 64;
+/// Tokens per KV page: one kernel tile, one scheduler block (`PAGE_TOKENS` of kernels/mla_params.h).
+pub const PAGE_SIZE: usize = mla_core::scheduler::BLOCK_SIZE_N;
 /// Threads per CTA of the split kernel (two warpgroups).
 const SPLITKV_THREADS: u32 = 256;
 /// Rows (warps) per CTA of the combine kernel, 32 threads each.
