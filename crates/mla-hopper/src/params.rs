@@ -82,8 +82,8 @@ const _: () = assert!(std::mem::size_of::<MetadataParams>() == 3 * 8 + 4 * 4);
 
 #[cfg(test)]
 mod layout {
-    //! The C++ compiler's view of `kernels/mla_params.h` against this file's: one offset per field, the sizes, and
-    //! the tile constants the header shares with `mla_core::scheduler`.
+    //! The C++ compiler's view of `kernels/mla_params.h` and `kernels/smem_plan.h` against the host's: one offset
+    //! per field, the sizes, the tile constants shared with `mla_core::scheduler` and the shared-memory plan.
     use super::*;
     use std::mem::{offset_of, size_of};
     use std::path::Path;
@@ -160,6 +160,11 @@ mod layout {
             ("(size_t)mla::HEAD_DIM_V".to_string(), mla_core::HEAD_DIM_V),
             ("(size_t)mla::METADATA_WORDS".to_string(), s::METADATA_WORDS),
             ("(size_t)mla::FIXED_OVERHEAD_BLOCKS".to_string(), s::FIXED_OVERHEAD_BLOCKS as usize),
+            ("(size_t)mla::CHUNK_BYTES".to_string(), crate::CHUNK_BYTES as usize),
+            ("(size_t)mla::Smem<mla::KIND_BF16>::DYNAMIC_BYTES".to_string(), crate::SMEM_16BIT as usize),
+            ("(size_t)mla::Smem<mla::KIND_F16>::DYNAMIC_BYTES".to_string(), crate::SMEM_16BIT as usize),
+            ("(size_t)mla::Smem<mla::KIND_E4M3>::DYNAMIC_BYTES".to_string(), crate::SMEM_E4M3 as usize),
+            ("(size_t)mla::SMEM_OPT_IN_LIMIT".to_string(), crate::SMEM_OPT_IN_LIMIT as usize),
         ]);
         v
     }
@@ -169,8 +174,9 @@ mod layout {
         let expected = expected();
         let body: String =
             expected.iter().map(|(expr, _)| format!("  std::printf(\"%zu\\n\", (size_t)({expr}));\n")).collect();
-        let src =
-            format!("#include <cstddef>\n#include <cstdio>\n#include \"mla_params.h\"\nint main() {{\n{body}}}\n");
+        let src = format!(
+            "#include <cstddef>\n#include <cstdio>\n#include \"mla_params.h\"\n#include \"smem_plan.h\"\nint main() {{\n{body}}}\n"
+        );
 
         let dir = std::env::temp_dir().join(format!("mla-params-layout-{}", std::process::id()));
         std::fs::create_dir_all(&dir).expect("create a scratch directory");
