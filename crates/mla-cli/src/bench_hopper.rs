@@ -16,8 +16,10 @@
 //! `hopper-bench` example, which adds the host's time to enqueue each call).
 //!
 //! Each dtype runs causal or not as upstream's figures of that device did (H100: BF16/FP16 causal, E4M3
-//! non-causal; H200: all causal); `--no-causal` makes every dtype non-causal. Varlen lengths are `max(N(s_k, s_k/2), 2)` from `--seed`. Inputs are a 16 MiB
-//! random pattern tiled over caches and queries; block tables are random permutations of the pages.
+//! non-causal; H200: all causal); `--no-causal` makes every dtype non-causal. Varlen lengths are
+//! `max(N(s_k, s_k/2), 2)` from `--seed`. Caches and queries are two independent 16 MiB random patterns, each tiled
+//! (one pattern for both would make query rows equal to key rows: a few huge logits per row, not upstream's
+//! inputs); block tables are random permutations of the pages.
 //!
 //! Formulas (upstream's): FLOPs = 2·s_q·Σs_k·h_q·(576+512); bytes = elt·(Σs_k·576 + b·s_q·h_q·576) + 2·b·s_q·h_q·512.
 //! `ratio` = upstream ms / our ms (> 1: faster than upstream). The device's copy bandwidth (2 GiB device-to-device,
@@ -47,7 +49,7 @@ use crate::progress::Progress;
 const PAGE: usize = 64;
 /// Block-table filler past a request's last page (upstream's test value): reading it would be a bug.
 const BT_GARBAGE: i32 = 2_147_480_000;
-/// Bytes of the random pattern tiled over caches and queries.
+/// Bytes of each random pattern (one tiled over the caches, one over the queries).
 const PATTERN_BYTES: usize = 16 << 20;
 /// Bytes copied by the copy-bandwidth measurement.
 const COPY_BYTES: usize = 2 << 30;
@@ -458,14 +460,14 @@ fn measure(
     s_q: usize,
     causal: bool,
     opts: &Options,
-    pattern: &[u8],
+    q_pattern: &[u8],
 ) -> CliResult<Measured> {
     let b = caches.seqlens.len();
     let elt = dtype.size_bytes();
     let shape = DecodeShape { batch: b, s_q, h_q, h_kv: 1, dtype };
     let parts = be.num_sm_parts(s_q * h_q, 1);
     let qs: Vec<CudaSlice<u8>> =
-        (0..opts.sets).map(|_| dev.filled(b * s_q * h_q * HEAD_DIM_K * elt, pattern)).collect::<CliResult<_>>()?;
+        (0..opts.sets).map(|_| dev.filled(b * s_q * h_q * HEAD_DIM_K * elt, q_pattern)).collect::<CliResult<_>>()?;
     let workspace = dev.zeros(be.workspace_size(&shape)?)?;
     let out = dev.zeros(b * s_q * h_q * HEAD_DIM_V * 2)?;
     let lse = dev.zeros(b * s_q * h_q * 4)?;
@@ -785,7 +787,7 @@ pub fn run(args: &BenchArgs) -> CliResult {
             upstream_header();
             for &dtype in &opts.dtypes {
                 let causal = opts.causal(dtype, anchors);
-                let pattern = random_pattern(&mut rng, dtype);
+                let (pattern, q_pattern) = (random_pattern(&mut rng, dtype), random_pattern(&mut rng, dtype));
                 for &s_k in &opts.sks {
                     for &varlen in &opts.modes {
                         let seqlens = upstream_lengths(opts.batch, s_k, varlen, opts.seed);
@@ -793,7 +795,7 @@ pub fn run(args: &BenchArgs) -> CliResult {
                         let total = caches.total_seqlen();
                         for &h_q in &opts.hqs {
                             for &s_q in &opts.sqs {
-                                let m = measure(be, &dev, &caches, dtype, h_q, s_q, causal, &opts, &pattern)?;
+                                let m = measure(be, &dev, &caches, dtype, h_q, s_q, causal, &opts, &q_pattern)?;
                                 let (flops, bytes) = flops_bytes(dtype, total, opts.batch, s_q, h_q);
                                 let row = Row {
                                     grid: Grid::Upstream,
@@ -844,13 +846,13 @@ pub fn run(args: &BenchArgs) -> CliResult {
             small_header();
             for &dtype in &opts.dtypes {
                 let causal = opts.causal(dtype, anchors);
-                let pattern = random_pattern(&mut rng, dtype);
+                let (pattern, q_pattern) = (random_pattern(&mut rng, dtype), random_pattern(&mut rng, dtype));
                 for (seqlens, s_q, h_q) in small_configs() {
                     let b = seqlens.len();
                     let label = lengths_label(&seqlens);
                     let caches = Caches::new(&dev, &mut rng, dtype, seqlens.clone(), opts.sets, &pattern)?;
                     let total = caches.total_seqlen();
-                    let m = measure(be, &dev, &caches, dtype, h_q, s_q, causal, &opts, &pattern)?;
+                    let m = measure(be, &dev, &caches, dtype, h_q, s_q, causal, &opts, &q_pattern)?;
                     let (flops, bytes) = flops_bytes(dtype, total, b, s_q, h_q);
                     let uniform = seqlens.iter().all(|&s| s == seqlens[0]);
                     let row = Row {

@@ -1,0 +1,94 @@
+"""Where the host time of one `flash_mla_with_kvcache` / `get_mla_metadata` call goes (a benchmark, not a test).
+
+    python python/benchmarks/host_cost.py [--device cuda|cpu] [--calls N] [--upstream PATH]
+
+Times, per call (best of 3 rounds of N calls, queued without synchronising, as an engine calls them):
+  - both functions of `flashmla` on a small decode problem (b = 1, s_q = 1, h_q = 128, bf16, 4096 keys; 64 on the CPU),
+  - the Python-level operations the compiled module performs on each call: the attribute reads of every tensor
+    argument, the three `Tensor.new_empty` allocations (out, lse, workspace), PyTorch's current stream,
+  - a no-op call into the compiled module (the PyO3 call itself),
+and prints what is left: the library's own host work (validation, TMA descriptors, kernel launches).
+With `--upstream PATH` (a directory holding upstream's `flash_mla` package) upstream's two calls are timed too.
+The kernels are tiny, so on a GPU the queue never fills and the figures are host time.
+"""
+import argparse
+import sys
+import timeit
+
+import torch
+
+
+def per_call_us(fn, calls, sync):
+    fn()
+    sync()
+    best = float("inf")
+    for _ in range(3):
+        t = timeit.timeit(fn, number=calls)
+        sync()
+        best = min(best, t)
+    return best / calls * 1e6
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--calls", type=int, default=2000)
+    ap.add_argument("--upstream", help="directory of upstream FlashMLA's built package, to time it too")
+    args = ap.parse_args()
+
+    import flashmla
+    from flashmla import _native
+
+    dev = args.device
+    sync = torch.cuda.synchronize if dev.startswith("cuda") else (lambda: None)
+    # On the CPU the backend computes on the calling thread: one page keeps that small next to the host work.
+    s_k = 4096 if dev.startswith("cuda") else 64
+    b, s_q, h_q, h_kv, d, dv, page = 1, 1, 128, 1, 576, 512, 64
+    torch.manual_seed(0)
+    seqlens = torch.full((b,), s_k, dtype=torch.int32, device=dev)
+    bt = torch.arange(b * s_k // page, dtype=torch.int32, device=dev).view(b, -1)
+    kv = torch.randn(b * s_k // page, page, h_kv, d, dtype=torch.bfloat16, device=dev) / 10
+    q = torch.randn(b, s_q, h_q, d, dtype=torch.bfloat16, device=dev) / 10
+    meta, splits = flashmla.get_mla_metadata(seqlens, s_q * h_q // h_kv, h_kv)
+    tensors = (q, kv, bt, seqlens, meta, splits)
+    ws_bytes = 1 << 20
+
+    def attrs():
+        for t in tensors:
+            t.dtype, t.shape, t.stride(), t.data_ptr(), t.get_device(), t.is_cuda
+
+    def allocs():
+        q.new_empty((b, s_q, h_q, dv))
+        q.new_empty((b, h_q, s_q), dtype=torch.float32)
+        q.new_empty((ws_bytes,), dtype=torch.uint8)
+
+    raw_stream = getattr(torch._C, "_cuda_getCurrentRawStream", None)
+    rows = [
+        ("flashmla flash_mla_with_kvcache", lambda: flashmla.flash_mla_with_kvcache(q, kv, bt, seqlens, dv, meta, splits, causal=True)),
+        ("flashmla get_mla_metadata", lambda: flashmla.get_mla_metadata(seqlens, s_q * h_q // h_kv, h_kv)),
+        ("  no-op call into the module", _native.library_version),
+        ("  attribute reads of the 6 tensors", attrs),
+        ("  3 x Tensor.new_empty", allocs),
+    ]
+    if dev.startswith("cuda") and raw_stream is not None:
+        rows.append(("  current stream (_cuda_getCurrentRawStream)", lambda: raw_stream(q.get_device())))
+    if args.upstream:
+        sys.path.insert(0, args.upstream)
+        import flash_mla as up
+
+        up_meta, up_splits = up.get_mla_metadata(seqlens, s_q * h_q // h_kv, h_kv)
+        rows.append(("upstream flash_mla_with_kvcache", lambda: up.flash_mla_with_kvcache(q, kv, bt, seqlens, dv, up_meta, up_splits, causal=True)))
+        rows.append(("upstream get_mla_metadata", lambda: up.get_mla_metadata(seqlens, s_q * h_q // h_kv, h_kv)))
+
+    print(f"device {dev}, torch {torch.__version__}, flashmla {flashmla.__version__}, {args.calls} calls per round")
+    got = {}
+    for name, fn in rows:
+        got[name] = per_call_us(fn, args.calls, sync)
+        print(f"{name:46s} {got[name]:7.2f} us/call")
+    parts = sum(got[k] for k in got if k.startswith("  "))
+    rest = got["flashmla flash_mla_with_kvcache"] - parts
+    print(f"{'  left for the library (decode - the above)':46s} {rest:7.2f} us/call")
+
+
+if __name__ == "__main__":
+    main()
