@@ -11,7 +11,8 @@
 //!
 //! Every rule on shapes, dtypes, strides, devices and values lives in [`mla_core::sparse`] and the backend, so Rust
 //! and C callers get the same errors: this layer converts the parameter struct and the integers, and
-//! [`mla_core::MlaBackend::fp8_get_metadata`] / [`mla_core::MlaBackend::fp8_decode`] validate once. `docs/sparse-fp8.md` documents the layouts and the arguments.
+//! [`mla_core::MlaBackend::fp8_get_metadata`] / [`mla_core::MlaBackend::fp8_decode`] validate once.
+//! `docs/sparse-fp8.md` documents the layouts and the arguments.
 
 use std::ffi::c_void;
 
