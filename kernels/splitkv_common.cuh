@@ -9,15 +9,13 @@
 #include <type_traits>
 
 #include "mla_params.h"
+#include "smem_plan.h"
 #include "mla_ptx.cuh"
 
 namespace mla {
 
-enum Kind : int { KIND_BF16 = 0, KIND_F16 = 1, KIND_E4M3 = 2 };
-
 constexpr int NUM_THREADS = 256;    // two warpgroups
 constexpr int WG_THREADS = 128;     // one warpgroup
-constexpr int CHUNK_BYTES = 8192;   // 64 rows x 128 bytes, one SW128 atom column
 constexpr int ROW_BYTES = 128;      // a swizzled tile row
 constexpr int SW128_SBO = 1024;     // 8 rows x 128 B: stride between 8-row groups
 constexpr int SW64_SBO = 512;       // 8 rows x 64 B (the e4m3 SW64 tail)

@@ -2,7 +2,7 @@
 # The test command of flashmla-rs (README): installs what it needs, then runs every check CI runs.
 #
 #   1. the pinned CUDA compiler (pip wheels, project-local .cuda/) so the sm_90a kernels are compiled on every run
-#   2. cargo fmt --check, clippy with warnings denied, cargo test over the whole workspace
+#   2. cargo fmt --check, clippy with warnings denied, cargo test over the whole workspace, rustdoc warnings denied
 #   3. the installed C library as engines consume it (pkg-config and CMake), scripts/test-c-consumers.sh
 #   4. the Python package's tests (pytest, in a project-local virtualenv), when the package is present
 #
@@ -20,6 +20,8 @@ echo "== cargo clippy"
 cargo clippy --workspace --all-targets -- -D warnings
 echo "== cargo test"
 cargo test --workspace
+echo "== cargo doc"
+RUSTDOCFLAGS="-D warnings" cargo doc --workspace --no-deps --quiet
 
 # cargo test hides what passing tests print, so say here whether the GPU tests ran or skipped, and why.
 echo "== GPU backend on this machine"

@@ -12,7 +12,7 @@ use std::process::Command;
 /// Every kernel source, compiled to `<name>.cubin`.
 const KERNELS: [&str; 3] = ["splitkv_mla", "combine", "get_metadata"];
 /// Headers the kernels include.
-const HEADERS: [&str; 3] = ["mla_ptx.cuh", "mla_params.h", "splitkv_common.cuh"];
+const HEADERS: [&str; 4] = ["mla_ptx.cuh", "mla_params.h", "smem_plan.h", "splitkv_common.cuh"];
 /// wgmma and setmaxnreg need the arch-specific target.
 const GENCODE: &str = "arch=compute_90a,code=sm_90a";
 /// The toolchain version the project pins (the H100 driver is CUDA 13.0).

@@ -58,8 +58,8 @@ mod cubins {
 /// shared-memory plan) instead of the embedded one. `docs/gpu.md` describes the workflow.
 pub const SPLITKV_CUBIN_ENV: &str = "FLASHMLA_HOPPER_SPLITKV_CUBIN";
 
-/// Tokens per KV page (and per kernel tile).
-pub const PAGE_SIZE: usize = 64;
+/// Tokens per KV page: one kernel tile, one scheduler block (`PAGE_TOKENS` of kernels/mla_params.h).
+pub const PAGE_SIZE: usize = mla_core::scheduler::BLOCK_SIZE_N;
 /// Threads per CTA of the split kernel (two warpgroups).
 const SPLITKV_THREADS: u32 = 256;
 /// Rows (warps) per CTA of the combine kernel, 32 threads each.
@@ -69,20 +69,20 @@ const COMBINE_ROWS_PER_CTA: u32 = 8;
 const MANY_SPLITS: usize = 4;
 /// Threads of the scheduler kernel.
 const SCHED_THREADS: u32 = 256;
-/// One SW128 tile chunk: 64 rows × 128 bytes.
-const CHUNK_BYTES: u32 = 8192;
-/// Shared memory of the split kernel (mirrors `Smem<KIND>::DYNAMIC_BYTES` in `kernels/splitkv_mla.cu`; the kernel
-/// traps if given less): Q tile + `bufs` page buffers (+ e4m3: the 32 KiB transposed V tile) + P + 3 × 64 f32 + one
-/// mbarrier per buffer + 1024 bytes to align the base.
+/// One SW128 tile chunk: 64 rows × 128 bytes (`CHUNK_BYTES` of kernels/smem_plan.h).
+pub(crate) const CHUNK_BYTES: u32 = 8192;
+/// Shared memory of the split kernel: `Smem<KIND>::DYNAMIC_BYTES` of kernels/smem_plan.h, which the kernel traps
+/// without (the layout test in src/params.rs checks these against the C++ compiler). Q tile + `bufs` page buffers
+/// (+ e4m3: the 32 KiB transposed V tile) + P + 3 × 64 f32 + one mbarrier per buffer + 1024 bytes to align the base.
 const fn splitkv_smem_bytes(tile: u32, bufs: u32, fp8: bool) -> u32 {
     (1 + bufs) * tile + if fp8 { 4 * CHUNK_BYTES } else { 0 } + CHUNK_BYTES + 3 * 64 * 4 + 8 * bufs + 1024
 }
 /// 16-bit: 9 SW128 chunks per tile, two page buffers.
-const SMEM_16BIT: u32 = splitkv_smem_bytes(9 * CHUNK_BYTES, 2, false);
+pub(crate) const SMEM_16BIT: u32 = splitkv_smem_bytes(9 * CHUNK_BYTES, 2, false);
 /// e4m3: 4 SW128 chunks + a 4 KiB SW64 tail per tile, three page buffers.
-const SMEM_E4M3: u32 = splitkv_smem_bytes(4 * CHUNK_BYTES + 4096, 3, true);
-/// The opt-in per-block shared-memory limit of sm_90.
-const SMEM_OPT_IN_LIMIT: u32 = 232_448;
+pub(crate) const SMEM_E4M3: u32 = splitkv_smem_bytes(4 * CHUNK_BYTES + 4096, 3, true);
+/// The opt-in per-block shared-memory limit of sm_90 (`SMEM_OPT_IN_LIMIT` of kernels/smem_plan.h).
+pub(crate) const SMEM_OPT_IN_LIMIT: u32 = 232_448;
 /// Largest batch whose lengths the scheduler stages in shared memory (else it reads them from global memory).
 const SCHED_SMEM_MAX_BATCH: usize = 48 * 1024 / 4;
 /// `log2(e)`: logits are computed in the log2 domain.

@@ -1,8 +1,8 @@
 //! `flashmla._native`: the compiled half of the `flashmla` Python package.
 //!
 //! It implements upstream FlashMLA's two functions directly over the Rust API ([`flashmla::MlaBackend`]): the
-//! arguments are read in Rust (a few C-level attribute calls per tensor, see [`args`]), outputs and the split-KV
-//! workspace are allocated through the caller's framework ([`alloc`]), and CUDA work is enqueued on PyTorch's
+//! arguments are read in Rust (a few C-level attribute calls per tensor, see `args.rs`), outputs and the split-KV
+//! workspace are allocated through the caller's framework (`alloc.rs`), and CUDA work is enqueued on PyTorch's
 //! current stream without synchronising. The package's Python modules add the exceptions, the `torch.library`
 //! registration and the NumPy bit helpers; the two hot functions are these, called with no Python frame between.
 //!
