@@ -1,5 +1,5 @@
 // Inline-PTX helpers for the sm_90a MLA decode kernels: shared-memory addresses, mbarriers, TMA, wgmma, named
-// barriers and conversions. Every syntax line here was verified on an H100 (see shared/docs/hopper-ptx-primer.md);
+// barriers and conversions. Every syntax line here was verified on an H100 (by crates/mla-hopper/tests/gpu.rs);
 // the kernels include this header and nothing else from outside kernels/.
 #pragma once
 
@@ -249,7 +249,7 @@ __device__ __forceinline__ uint32_t e4m3x2_to_f16x2(uint16_t x) {
 }
 
 // Four f32 to e4m3 (round to nearest even, saturating to ±448), byte 0 = v0 (cvt puts its first source in the
-// high byte, primer §7.1).
+// high byte).
 __device__ __forceinline__ uint32_t pack_e4m3x4(float v0, float v1, float v2, float v3) {
   uint32_t r;
   asm("{\n.reg .b16 lo, hi;\n"

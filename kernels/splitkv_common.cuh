@@ -27,7 +27,7 @@ constexpr int V_K16_STEP_BYTES = 16 * ROW_BYTES;    // 16 tokens down the MN-maj
 constexpr int V_MN_LBO = CHUNK_BYTES;               // MN-major: stride between 64-column blocks
 constexpr float LN2 = 0.69314718055994530942f;
 
-// SW64 tile of 64-byte rows: 16-byte vector j of `row` (the XOR takes row bits 1-2, see the primer §3).
+// SW64 tile of 64-byte rows: 16-byte vector j of `row` (the XOR takes row bits 1-2: the SW64 pattern).
 __device__ __forceinline__ uint32_t swz64(int row, int vec16) {
   return static_cast<uint32_t>(row * 64 + ((vec16 ^ ((row >> 1) & 3)) << 4));
 }

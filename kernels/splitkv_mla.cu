@@ -12,9 +12,9 @@
 //
 // V is the first 512 columns of the K page, read by wgmma as a transposed (MN-major) view of the same tile. For
 // e4m3 inputs the FP8 wgmma cannot transpose, so WG1 writes the page's V transposed (Vᵀ[d][token], 512 rows of 64
-// bytes, K-major SW64, primer §7.3) while WG0 runs Q·Kᵀ; P·V then runs on the FP8 tensor cores (m64n256k32) with P
+// bytes, K-major SW64; docs/hopper-kernel.md §6) while WG0 runs Q·Kᵀ; P·V then runs on the FP8 tensor cores (m64n256k32) with P
 // quantised to e4m3 (P in [0, 1], as upstream). The e4m3 A fragment does not match the accumulator's column pairs
-// (primer §6.3), so P is packed straight from the accumulator and Vᵀ's token order is permuted the same way.
+// (docs/hopper-kernel.md §6), so P is packed straight from the accumulator and Vᵀ's token order is permuted the same way.
 //
 // e4m3 Q·Kᵀ runs as three 6-step chains into fresh accumulators, added in f32 (the FP8 tensor cores' accumulation
 // is not f32-exact; see FP8_QK_CHAIN_STEPS).
@@ -56,7 +56,7 @@ __device__ __forceinline__ void issue_page_load(const CUtensorMap* tmap_k, const
   }
 }
 
-// e4m3 Q·Kᵀ precision: the FP8 tensor cores add into their accumulator with reduced precision (primer §7.4), so
+// e4m3 Q·Kᵀ precision: the FP8 tensor cores add into their accumulator with reduced precision (measured on the H100), so
 // one 576-long chain of 18 k32 steps loses ~1e-3 of a logit, and on large logits the lse misses 1e-3 + 1e-3·|lse|
 // (H200: up to 1.7x that bound with q, k ~ N(0, 9)). The steps run instead as chains of FP8_QK_CHAIN_STEPS, each
 // into a fresh accumulator, added in f32 registers. 6 steps (3 chains): the first two chains run back to back into
@@ -184,7 +184,7 @@ __device__ __forceinline__ void gemm_pv_ss(float (&o)[128], uint32_t sp, uint32_
 
 // e4m3 only: P·V on the FP8 tensor cores. Pages of 64 tokens are two k32 steps; P's A fragment is packed from the
 // accumulator (kk: k32 step, r: register, b: byte) as acc[16kk + 8(r>>1) + 2(r&1) + (b&1) + 4(b>>1)], so A position k
-// of a k32 step holds token π(k) = 16(k>>4) + 2((k&15)>>2) + (k&1) + 8((k&3)>>1) of that step (primer §6.3), and Vᵀ
+// of a k32 step holds token π(k) = 16(k>>4) + 2((k&15)>>2) + (k&1) + 8((k&3)>>1) of that step (wgmma fragment layout), and Vᵀ
 // stores token π(k) at position k. In 16-token groups G: position 16G + 4c + b ↔ token 16G + 2c + (b&1) + 8(b>>1).
 
 // O[64x256] += P (registers, e4m3 A fragments) · Vᵀ half (K-major SW64); the caller waits.

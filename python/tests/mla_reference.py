@@ -1,6 +1,6 @@
 """An independent float64 reference of MLA decode, test-data generation and upstream's tolerance check.
 
-Written from the math (docs/flashmla-dense-decode.md §1, §5), not from the library: per request, the keys are
+Written from the math (docs/hopper-kernel.md §1), not from the library: per request, the keys are
 gathered page by page through the block table, scores are computed in float64, and rows with nothing to attend
 give out = 0, lse = +inf.
 """

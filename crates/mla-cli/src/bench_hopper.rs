@@ -182,7 +182,7 @@ fn parse(args: &BenchArgs) -> CliResult<Options> {
 
 /// xorshift64* with Box-Muller normals: seedable, fast, good enough for benchmark inputs. Kept rather than
 /// `rand`/`rand_distr`: the varlen lengths and page permutations of a seed are part of the recorded results
-/// (docs/performance.md, docs/bench/), and another generator would draw other batches for the same `--seed`.
+/// (docs/log/performance.md, docs/bench/), and another generator would draw other batches for the same `--seed`.
 struct Rng(u64);
 
 impl Rng {

@@ -284,7 +284,7 @@ mod tests {
 
     #[test]
     fn worked_example_from_the_notes() {
-        // notes §2.3 with P = 4, block units, zero-length counted as one block.
+        // The worked example of docs/scheduler-metadata.md (P = 4, block units, zero length counted as one block).
         let plan = plan(&[1000, 64, 0, 3000, 130], 4).unwrap();
         assert_eq!(plan.num_splits, vec![0, 1, 2, 3, 6, 7]);
         insta::assert_snapshot!("notes_example_p4", json(&plan));

@@ -58,7 +58,7 @@ struct Outcome {
 
 /// Smallest lse tensor on which a cosine criterion means something; below it E4M3 is held to an absolute bound.
 const E4M3_LSE_COS_MIN_VALUES: usize = 64;
-/// E4M3 lse bound for tiny cases: the FP8 tensor cores accumulate Q·Kᵀ with reduced precision (primer §7.4, about
+/// E4M3 lse bound for tiny cases: the FP8 tensor cores accumulate Q·Kᵀ with reduced precision (measured: about
 /// 1e-3 of a logit here), which a cosine over one or two values (e.g. b = h_q = s_q = 1) turns into a ratio of
 /// two rounding errors.
 const E4M3_LSE_ABS_TOL: f64 = 1e-2;
