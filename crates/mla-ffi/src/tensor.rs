@@ -123,7 +123,7 @@ pub struct flashmla_tensor {
     pub strides: [i64; FLASHMLA_MAX_NDIM],
 }
 
-// The layout bindings rely on (ctypes in python/flashmla/_lib.py, the static asserts of tests/c/abi_test.c).
+// The layout bindings rely on (the static asserts of tests/c/abi_test.c, the plugin host of tests/common).
 const _: () = assert!(std::mem::size_of::<flashmla_tensor>() == 88);
 const _: () = assert!(std::mem::offset_of!(flashmla_tensor, shape) == 24);
 
