@@ -22,11 +22,14 @@ use pyo3::types::{PyDict, PyTuple};
 mod alloc;
 mod args;
 mod errors;
+mod fp8;
 
 use alloc::Allocator;
 use args::{Arg, Repr, describe, describe_opt};
-use errors::{OrRaise, invalid, to_py};
+use errors::{OrRaise, invalid};
 
+/// The decode function's name, as its messages start.
+const FUNC_DECODE: &str = "flash_mla_with_kvcache";
 /// Words per row of `tile_scheduler_metadata`.
 const METADATA_WORDS: i64 = flashmla::scheduler::METADATA_WORDS as i64;
 
@@ -149,7 +152,7 @@ fn get_mla_metadata<'py>(
     PyTuple::new(py, [meta, splits])
 }
 
-/// The shapes a schedule was made for (upstream HEAD's `FlashMLASchedMeta.Config`).
+/// The shapes a schedule was made for (upstream HEAD's `FlashMLASchedMeta.Config`, plus the device).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 struct ScheduleConfig {
     b: i64,
@@ -159,12 +162,46 @@ struct ScheduleConfig {
     h_k: i64,
     causal: bool,
     device: Device,
+    is_fp8_kvcache: bool,
+    topk: Option<i64>,
+    extra_page_block_size: Option<i64>,
+    extra_topk: Option<i64>,
 }
 
 impl ScheduleConfig {
-    const FIELDS: [&'static str; 7] = ["b", "s_q", "h_q", "page_block_size", "h_k", "causal", "device"];
+    const FIELDS: [&'static str; 11] = [
+        "b",
+        "s_q",
+        "h_q",
+        "page_block_size",
+        "h_k",
+        "causal",
+        "device",
+        "is_fp8_kvcache",
+        "topk",
+        "extra_page_block_size",
+        "extra_topk",
+    ];
 
-    fn values(&self) -> [String; 7] {
+    /// A dense BF16/FP16/E4M3 schedule's configuration.
+    fn dense(b: i64, s_q: i64, h_q: i64, page_block_size: i64, h_k: i64, causal: bool, device: Device) -> Self {
+        ScheduleConfig {
+            b,
+            s_q,
+            h_q,
+            page_block_size,
+            h_k,
+            causal,
+            device,
+            is_fp8_kvcache: false,
+            topk: None,
+            extra_page_block_size: None,
+            extra_topk: None,
+        }
+    }
+
+    fn values(&self) -> [String; 11] {
+        let opt = |v: Option<i64>| v.map_or_else(|| "None".to_string(), |v| v.to_string());
         [
             self.b.to_string(),
             self.s_q.to_string(),
@@ -173,7 +210,31 @@ impl ScheduleConfig {
             self.h_k.to_string(),
             self.causal.to_string(),
             self.device.to_string(),
+            self.is_fp8_kvcache.to_string(),
+            opt(self.topk),
+            opt(self.extra_page_block_size),
+            opt(self.extra_topk),
         ]
+    }
+
+    /// Ok when a schedule made for `self` may serve a call with `want`; else the error naming the first field that
+    /// differs.
+    fn check_same(&self, py: Python<'_>, want: &ScheduleConfig) -> PyResult<()> {
+        if self == want {
+            return Ok(());
+        }
+        let (hv, wv) = (self.values(), want.values());
+        let i = (0..hv.len()).find(|&i| hv[i] != wv[i]).unwrap_or(0);
+        Err(invalid(
+            py,
+            FUNC_DECODE,
+            format!("tile_scheduler_metadata.config.{}", ScheduleConfig::FIELDS[i]),
+            format!(
+                "{} (the schedule was filled by a call with other shapes; make a new one with get_mla_metadata() for these)",
+                hv[i]
+            ),
+            &wv[i],
+        ))
     }
 }
 
@@ -242,7 +303,9 @@ impl Schedule {
 #[pyfunction]
 #[pyo3(signature = (
     q, k_cache, block_table, cache_seqlens, head_dim_v, tile_scheduler_metadata, num_splits=None,
-    softmax_scale=None, causal=false, descale_q=None, descale_k=None, *, is_fp8_kvcache=false, dtype=None
+    softmax_scale=None, causal=false, descale_q=None, descale_k=None, *, is_fp8_kvcache=false, indices=None,
+    attn_sink=None, extra_k_cache=None, extra_indices_in_kvcache=None, topk_length=None, extra_topk_length=None,
+    dtype=None
 ))]
 #[allow(clippy::too_many_arguments)]
 fn flash_mla_with_kvcache<'py>(
@@ -259,9 +322,15 @@ fn flash_mla_with_kvcache<'py>(
     descale_q: Option<&Bound<'py, PyAny>>,
     descale_k: Option<&Bound<'py, PyAny>>,
     is_fp8_kvcache: bool,
+    indices: Option<&Bound<'py, PyAny>>,
+    attn_sink: Option<&Bound<'py, PyAny>>,
+    extra_k_cache: Option<&Bound<'py, PyAny>>,
+    extra_indices_in_kvcache: Option<&Bound<'py, PyAny>>,
+    topk_length: Option<&Bound<'py, PyAny>>,
+    extra_topk_length: Option<&Bound<'py, PyAny>>,
     dtype: Option<&str>,
 ) -> PyResult<(Bound<'py, PyAny>, Bound<'py, PyAny>)> {
-    const FUNC: &str = "flash_mla_with_kvcache";
+    const FUNC: &str = FUNC_DECODE;
     let hint = match dtype {
         None => None,
         Some(s) => Some(match s.to_ascii_lowercase().as_str() {
@@ -279,16 +348,30 @@ fn flash_mla_with_kvcache<'py>(
             }
         }),
     };
-    if is_fp8_kvcache {
-        return Err(to_py(
+    let sparse =
+        fp8::SparseArgs { indices, attn_sink, extra_k_cache, extra_indices_in_kvcache, topk_length, extra_topk_length };
+    if !is_fp8_kvcache && let Some(name) = sparse.first_given() {
+        return Err(invalid(
             py,
             FUNC,
-            Error::Unsupported {
-                backend: "flashmla".into(),
-                reason: "is_fp8_kvcache=True (FP8 caches with BF16 queries, DeepSeek V3.2/V4 layouts) is not in this \
-                         release; float8_e4m3fn q and k_cache with descale_q/descale_k run dense FP8 decode"
-                    .into(),
-            },
+            name,
+            "None unless is_fp8_kvcache=True (sparse decode reads an FP8 cache)",
+            "a value",
+        ));
+    }
+    if is_fp8_kvcache
+        && let Some(name) = [("descale_q", descale_q), ("descale_k", descale_k)]
+            .into_iter()
+            .find(|(_, v)| v.is_some_and(|v| !v.is_none()))
+            .map(|(n, _)| n)
+    {
+        return Err(invalid(
+            py,
+            FUNC,
+            name,
+            "None with is_fp8_kvcache=True (the cache carries its own scales; descales are for float8_e4m3fn q and \
+             k_cache, dense FP8 decode)",
+            "a value",
         ));
     }
     let head_dim_v = usize_arg(py, FUNC, "head_dim_v", head_dim_v)?;
@@ -308,6 +391,22 @@ fn flash_mla_with_kvcache<'py>(
             Some(v as f32)
         }
     };
+    if is_fp8_kvcache {
+        return fp8::decode(
+            py,
+            q,
+            k_cache,
+            block_table,
+            cache_seqlens,
+            head_dim_v,
+            tile_scheduler_metadata,
+            num_splits,
+            softmax_scale,
+            causal,
+            &sparse,
+            hint,
+        );
+    }
     let qa = describe(py, FUNC, "q", q, hint)?;
     let ka = describe(py, FUNC, "k_cache", k_cache, hint)?;
     let bt = describe(py, FUNC, "block_table", block_table, None)?;
@@ -341,24 +440,10 @@ fn flash_mla_with_kvcache<'py>(
             [_, p, _, _] => *p,
             _ => 0,
         };
-        let want = ScheduleConfig { b, s_q, h_q, page_block_size: page, h_k: h_kv, causal, device: qa.desc.device() };
+        let want = ScheduleConfig::dense(b, s_q, h_q, page, h_kv, causal, qa.desc.device());
         let mut s = sched.borrow_mut();
         match s.config {
-            Some(have) if have != want => {
-                let (hv, wv) = (have.values(), want.values());
-                let i = (0..hv.len()).find(|&i| hv[i] != wv[i]).unwrap_or(0);
-                return Err(invalid(
-                    py,
-                    FUNC,
-                    format!("tile_scheduler_metadata.config.{}", ScheduleConfig::FIELDS[i]),
-                    format!(
-                        "{} (the schedule was filled by a call with other shapes; make a new one with get_mla_metadata() for these)",
-                        hv[i]
-                    ),
-                    &wv[i],
-                ));
-            }
-            Some(_) => {}
+            Some(have) => have.check_same(py, &want)?,
             None => {
                 let q_seq_per_hk = usize::try_from(s_q * h_q / h_kv).unwrap_or(0);
                 let (m, n) = run_metadata(py, FUNC, &sl, q_seq_per_hk, h_kv as usize)?;
