@@ -217,3 +217,25 @@ def test_torch_cpu_tensors(rng):
     assert out.dtype == torch.bfloat16 and lse.dtype == torch.float32
     ref_out, ref_lse = reference(q, lambda i, t: rows[indices[i, t]])
     check(out.view(torch.int16).numpy().view(ml_dtypes.bfloat16), lse.numpy(), ref_out, ref_lse)
+
+
+def test_cuda_says_the_fp8_cache_kernel_is_missing(rng):
+    """Until the Hopper kernel exists, CUDA tensors get UnsupportedError naming the gap, and backend_info says so."""
+    from conftest import require_gpu
+
+    torch = pytest.importorskip("torch")
+    if not torch.cuda.is_available():
+        if require_gpu():
+            pytest.fail("FLASHMLA_REQUIRE_GPU=1 but torch.cuda.is_available() is False")
+        pytest.skip("no CUDA device")
+    info = flashmla.backend_info("cuda")
+    if info["backend"] == "hopper":
+        assert info["fp8_cache"] == {"sparse": {}, "dense": []}
+    q, cache, rows = make(rng, b=1, s_q=1, h_q=64)
+    qt = torch.from_numpy(q.view(np.int16)).view(torch.bfloat16).cuda()
+    indices = torch.zeros((1, 1, 8), dtype=torch.int32, device="cuda")
+    sched, _ = flashmla.get_mla_metadata()
+    with pytest.raises(flashmla.UnsupportedError, match="flash_mla_with_kvcache: "):
+        flashmla.flash_mla_with_kvcache(
+            qt, torch.from_numpy(cache).cuda(), None, None, D_V, sched, None, is_fp8_kvcache=True, indices=indices
+        )

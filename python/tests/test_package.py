@@ -36,6 +36,8 @@ def test_cpu_backend_info():
     assert {"bf16", "fp16", "e4m3"} <= set(info["dtypes"])
     assert info["compute_capability"] is None
     assert info["page_sizes"] is None
+    every = ["attn_sink", "topk_length", "extra_k_cache", "extra_topk_length"]
+    assert info["fp8_cache"] == {"sparse": {"v32": every, "model1": every}, "dense": ["v32"]}
 
 
 def test_gpu_backend_opens_or_says_why():

@@ -543,8 +543,10 @@ fn parse_device(py: Python<'_>, func: &str, text: &str) -> PyResult<Device> {
 
 /// What the backend for `device` supports: `"cpu"`, `"cuda"`/`"cuda:N"` (or anything whose `str()` is one).
 ///
-/// Returns a dict with `backend`, `device_name`, `sm_count`, `compute_capability`, `dtypes` and `page_sizes`
-/// (None for any). Raises `BackendUnavailableError` with the reason when the backend cannot run here.
+/// Returns a dict with `backend`, `device_name`, `sm_count`, `compute_capability`, `dtypes`, `page_sizes` (None
+/// for any) and `fp8_cache`: `{"sparse": {layout: [features]}, "dense": [layouts]}` for `is_fp8_kvcache=True`
+/// (layouts `"v32"`/`"model1"`; empty where the backend has no FP8-cache decode). Raises `BackendUnavailableError`
+/// with the reason when the backend cannot run here.
 #[pyfunction]
 #[pyo3(signature = (device=None))]
 fn backend_info<'py>(py: Python<'py>, device: Option<Bound<'py, PyAny>>) -> PyResult<Bound<'py, PyDict>> {
@@ -565,6 +567,21 @@ fn backend_info<'py>(py: Python<'py>, device: Option<Bound<'py, PyAny>>) -> PyRe
         flashmla::PageSizes::Any => d.set_item("page_sizes", py.None())?,
         flashmla::PageSizes::Only(v) => d.set_item("page_sizes", v)?,
     }
+    let sparse = PyDict::new(py);
+    for s in &c.fp8.sparse {
+        let features = [
+            ("attn_sink", s.attn_sink),
+            ("topk_length", s.topk_length),
+            ("extra_k_cache", s.extra_cache),
+            ("extra_topk_length", s.extra_topk_length),
+        ];
+        let on: Vec<&str> = features.iter().filter(|(_, on)| *on).map(|(name, _)| *name).collect();
+        sparse.set_item(s.layout.name(), on)?;
+    }
+    let fp8 = PyDict::new(py);
+    fp8.set_item("sparse", sparse)?;
+    fp8.set_item("dense", c.fp8.dense.iter().map(|l| l.name()).collect::<Vec<_>>())?;
+    d.set_item("fp8_cache", fp8)?;
     Ok(d)
 }
 
