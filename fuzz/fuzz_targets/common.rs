@@ -1,4 +1,4 @@
-//! What both fuzz targets share: a reader that turns the fuzzer's bytes into the integers that matter (edge values
+//! What the fuzz targets share: a reader that turns the fuzzer's bytes into the integers that matter (edge values
 //! near overflow more often than uniform ones), and host arenas the descriptors may point into.
 //!
 //! The contract of `TensorDesc::from_raw` (and of the C ABI) says the described memory is valid; a fuzzer cannot
@@ -50,10 +50,15 @@ pub struct Arenas(pub Vec<Vec<u64>>);
 
 impl Arenas {
     pub fn new(r: &mut Reader) -> Arenas {
+        Arenas::with_slots(r, SLOTS)
+    }
+
+    /// `slots` arenas (the FP8 decode has more arguments than the dense one).
+    pub fn with_slots(r: &mut Reader, slots: usize) -> Arenas {
         let words = ARENA_BYTES / 8;
         let fill = r.u64();
         Arenas(
-            (0..SLOTS)
+            (0..slots)
                 .map(|s| {
                     (0..words)
                         .map(|i| {
