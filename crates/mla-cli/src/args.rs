@@ -125,7 +125,16 @@ pub struct PlanArgs {
     after_help = "Inputs q and kv-cache: float32, float16 or float64 arrays (rounded to --dtype), or raw elements \
                   already in --dtype (2-byte '<V2'/'<u2' for bf16 and fp16, e.g. ml_dtypes.bfloat16 arrays; \
                   1-byte '|V1'/'|u1' e4m3 codes, e.g. ml_dtypes.float8_e4m3fn). Block table and lengths: int32 or \
-                  int64. Outputs: float32 out [b, s_q, h_q, 512] and lse [b, h_q, s_q]."
+                  int64. Outputs: float32 out [b, s_q, h_q, 512] and lse [b, h_q, s_q].\n\n\
+                  FP8 cache (--fp8-cache, docs/sparse-fp8.md): --kv-cache holds the cache's bytes, uint8 (or '|V1') \
+                  [num_blocks, page_size, 1, 656 | 584]; its last dimension names the layout (656: V3.2, q \
+                  [b, s_q, h_q, 576]; 584: MODEL1, q [b, s_q, h_q, 512]); q is bf16 (floats rounded, or raw 2-byte \
+                  bf16). With --indices int32/int64 [b, s_q, topk] the decode is sparse (no --block-table, \
+                  --seqlens or --causal; optional --topk-length [b], --attn-sink float32 [h_q], and an extra cache: \
+                  --extra-k-cache with --extra-indices [b, s_q, extra_topk] and optional --extra-topk-length [b]); \
+                  without, it is dense over --block-table and --seqlens (V3.2 only). Entries of an index file outside \
+                  the cache (-1 above all) are skipped; every value must fit in int32. Outputs as above (out: the \
+                  bf16 values, widened)."
 )]
 pub struct DecodeArgs {
     /// Queries `[b, s_q, h_q, 576]`.
@@ -134,12 +143,12 @@ pub struct DecodeArgs {
     /// Paged KV cache `[num_blocks, page_size, h_kv, 576]`.
     #[arg(long, value_name = "KV.npy")]
     pub kv_cache: PathBuf,
-    /// Page ids of each request `[b, max_blocks_per_seq]`.
-    #[arg(long, value_name = "BT.npy")]
-    pub block_table: PathBuf,
-    /// Cache length of each request `[b]`.
-    #[arg(long, value_name = "SL.npy")]
-    pub seqlens: PathBuf,
+    /// Page ids of each request `[b, max_blocks_per_seq]` (not with --indices).
+    #[arg(long, value_name = "BT.npy", required_unless_present = "indices")]
+    pub block_table: Option<PathBuf>,
+    /// Cache length of each request `[b]` (not with --indices).
+    #[arg(long, value_name = "SL.npy", required_unless_present = "indices")]
+    pub seqlens: Option<PathBuf>,
     /// Where to write the attention output.
     #[arg(long, value_name = "OUT.npy")]
     pub out: PathBuf,
@@ -152,10 +161,10 @@ pub struct DecodeArgs {
     /// CUDA device ordinal for GPU backends.
     #[arg(long, default_value_t = 0, value_name = "N")]
     pub device: i32,
-    /// Element type of q and the KV cache.
-    #[arg(long, default_value = "bf16", value_parser = dtype_arg)]
-    pub dtype: DType,
-    /// Causal mask over the s_q query tokens.
+    /// Element type of q and the KV cache [default: bf16; with --fp8-cache only bf16].
+    #[arg(long, value_parser = dtype_arg)]
+    pub dtype: Option<DType>,
+    /// Causal mask over the s_q query tokens (not with --indices).
     #[arg(long)]
     pub causal: bool,
     /// Softmax scale (default 1/sqrt(576)).
@@ -167,6 +176,29 @@ pub struct DecodeArgs {
     /// Per-tensor descale of the KV cache (e4m3 only).
     #[arg(long, value_name = "X")]
     pub descale_k: Option<f32>,
+    /// --kv-cache is an FP8 cache: uint8 `[num_blocks, page_size, 1, 656 | 584]`, the layout named by the last
+    /// dimension (656: V3.2, 584: MODEL1); q is bf16 `[b, s_q, h_q, 576 | 512]`.
+    #[arg(long)]
+    pub fp8_cache: bool,
+    /// Sparse decode (needs --fp8-cache): top-k token indices `[b, s_q, topk]`, int32 or int64, each
+    /// `page · page_size + offset`; entries outside the cache are skipped.
+    #[arg(long, value_name = "IDX.npy")]
+    pub indices: Option<PathBuf>,
+    /// Entries of --indices that count, per request `[b]` (default: all topk).
+    #[arg(long, value_name = "TL.npy")]
+    pub topk_length: Option<PathBuf>,
+    /// Attention sink per query head `[h_q]`, float32 (sparse only).
+    #[arg(long, value_name = "SINK.npy")]
+    pub attn_sink: Option<PathBuf>,
+    /// A second FP8 cache attended in addition (sparse only; same layout, own page size).
+    #[arg(long, value_name = "KV2.npy")]
+    pub extra_k_cache: Option<PathBuf>,
+    /// Indices into --extra-k-cache `[b, s_q, extra_topk]` (required with it).
+    #[arg(long, value_name = "IDX2.npy")]
+    pub extra_indices: Option<PathBuf>,
+    /// Entries of --extra-indices that count, per request `[b]`.
+    #[arg(long, value_name = "TL2.npy")]
+    pub extra_topk_length: Option<PathBuf>,
 }
 
 /// `flashmla demo`.
