@@ -211,9 +211,22 @@ pub struct DemoArgs {
     /// CUDA device ordinal for GPU backends.
     #[arg(long, default_value_t = 0, value_name = "N")]
     pub device: i32,
-    /// Element type of q and the KV cache.
-    #[arg(long, default_value = "bf16", value_parser = dtype_arg)]
-    pub dtype: DType,
+    /// Element type of q and the KV cache [default: bf16; --mode sparse: bf16 only].
+    #[arg(long, value_parser = dtype_arg)]
+    pub dtype: Option<DType>,
+    /// dense: the paged decode over a bf16/fp16/e4m3 cache; sparse: top-k selections over an FP8 cache
+    /// (docs/sparse-fp8.md), with `topk_length`, `attn_sink`, invalid and duplicate indices.
+    #[arg(long, default_value = "dense", value_parser = ["dense", "sparse"])]
+    pub mode: String,
+    /// FP8 cache layout (--mode sparse): v32 (656 bytes per token, d_qk 576) or model1 (584, d_qk 512).
+    #[arg(long, default_value = "v32", value_parser = ["v32", "model1"])]
+    pub layout: String,
+    /// Selected tokens per query token (--mode sparse).
+    #[arg(long, default_value_t = 2048)]
+    pub topk: usize,
+    /// Selected tokens of an extra cache per query token (--mode sparse; 0: no extra cache).
+    #[arg(long, default_value_t = 0)]
+    pub extra_topk: usize,
     /// Requests in the batch.
     #[arg(long, default_value_t = 32)]
     pub batch: usize,
@@ -454,7 +467,7 @@ mod tests {
         assert!(
             err(&["demo", "--backend", "tpu"]).starts_with("--backend: expected one of auto, cpu, hopper, got `tpu`")
         );
-        assert_eq!(err(&["decode", "--q", "q.npy"]), "--kv-cache, --block-table, --seqlens, --out, --lse are required");
+        assert_eq!(err(&["decode", "--q", "q.npy"]), "--kv-cache, --out, --lse, --block-table, --seqlens are required");
         for e in [err(&["plan", "--h-q", "x"]), err(&["plan", "--jsn"]), err(&["decode"])] {
             assert_eq!(e.lines().count(), 1, "{e}");
         }

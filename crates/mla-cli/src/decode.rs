@@ -109,8 +109,9 @@ pub fn run(args: &DecodeArgs) -> CliResult {
     let causal = args.causal;
     let (dq, dk) = (descale_q.unwrap_or(1.0), descale_k.unwrap_or(1.0));
 
-    let (qs, q) = named("q", read_input(&args.q, "[b, s_q, h_q, 576]", dtype, dq))?;
+    // The cache first: an FP8 cache given without --fp8-cache is named as such before q's width is questioned.
     let (ks, kv) = named("kv-cache", read_input(&args.kv_cache, "[num_blocks, page_size, h_kv, 576]", dtype, dk))?;
+    let (qs, q) = named("q", read_input(&args.q, "[b, s_q, h_q, 576]", dtype, dq))?;
     let (bts, block_table) = named("block-table", read_i32(block_table_path, "[b, max_blocks_per_seq]", 2))?;
     let (sls, seqlens) = named("seqlens", read_i32(seqlens_path, "[b]", 1))?;
     let (b, s_q, h_q) = (qs[0], qs[1], qs[2]);

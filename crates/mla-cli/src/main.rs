@@ -29,6 +29,7 @@ mod npy;
 mod plan;
 mod plot;
 mod progress;
+mod sparse;
 
 use std::process::ExitCode;
 
