@@ -270,7 +270,8 @@ pub struct DemoArgs {
 #[command(
     args_override_self = true,
     after_help = "CPU grid (--backend cpu, the default): time, GB/s and GFLOP/s next to the measured copy \
-                  bandwidth and FMA peak. --backend hopper: upstream's GPU benchmark (whole decode call timed with \
+                  bandwidth and FMA peak; --grid sparse: top-k decodes over FP8 caches, bytes = the selected \
+                  token rows read + q + out, the Σs_k column counts the selected rows. --backend hopper: upstream's GPU benchmark (whole decode call timed with \
                   CUDA events, median, input sets rotated past L2) against upstream's figures on the same kind of \
                   device (H100 or H200). Progress ([k/N], elapsed, remaining) goes to stderr; tables to stdout."
 )]
@@ -284,9 +285,16 @@ pub struct BenchArgs {
     /// Worker threads (cpu).
     #[arg(long, value_name = "N")]
     pub threads: Option<usize>,
-    /// Configurations: cpu all|upstream|mem (default all); hopper upstream|small (default upstream).
-    #[arg(long, value_parser = ["all", "upstream", "mem", "small"])]
+    /// Configurations: cpu all|upstream|mem|sparse (default all: upstream and mem; sparse: top-k decodes over
+    /// FP8 caches, h_q 64,128, topk 2048, V3.2 and MODEL1); hopper upstream|small (default upstream).
+    #[arg(long, value_parser = ["all", "upstream", "mem", "sparse", "small"])]
     pub grid: Option<String>,
+    /// Selected tokens per query token (cpu, --grid sparse; default 2048).
+    #[arg(long, value_name = "K")]
+    pub topk: Option<usize>,
+    /// FP8 cache layouts, comma-separated (cpu, --grid sparse; default v32,model1).
+    #[arg(long, value_delimiter = ',', value_parser = ["v32", "model1"], value_name = "v32,model1")]
+    pub layout: Option<Vec<String>>,
     /// Element types, comma-separated (alias --dtypes).
     #[arg(long, value_delimiter = ',', value_parser = dtype_arg, value_name = "bf16,fp16,e4m3")]
     pub dtype: Option<Vec<DType>>,
@@ -341,7 +349,7 @@ pub struct BenchArgs {
     /// Skip measuring the ceilings.
     #[arg(long)]
     pub no_ceilings: bool,
-    /// List the configurations and their anchors without a device (hopper).
+    /// List the configurations (hopper: and their anchors) without running them.
     #[arg(long)]
     pub dry_run: bool,
     /// Upstream figures to compare with: h100 or h200 (hopper; default: the device's own, h100 for --dry-run).
