@@ -176,7 +176,9 @@ fn grid(args: &BenchArgs) -> CliResult<Vec<Config>> {
             return Err(cli_err!("--layout applies to --grid sparse only"));
         }
     } else if args.dtype.is_some() {
-        return Err(cli_err!("--dtype applies to the dense grids (--grid sparse: bf16 q over FP8 caches, see --layout)"));
+        return Err(cli_err!(
+            "--dtype applies to the dense grids (--grid sparse: bf16 q over FP8 caches, see --layout)"
+        ));
     }
     let dtypes: Vec<DType> = args.dtype.clone().unwrap_or_else(|| DType::ALL.to_vec());
     let default_h_q = if sparse_grid { SPARSE_H_Q.to_vec() } else { vec![16, 32, 64, 128] };
@@ -516,12 +518,7 @@ pub fn run(args: &BenchArgs) -> CliResult {
             anchor_label: plot::anchor_label(None),
             points: rows
                 .iter()
-                .map(|r| Point {
-                    dtype: r.cfg.shape().dtype.into(),
-                    gflops: r.gflops,
-                    gbs: r.gbs,
-                    anchor_gflops: None,
-                })
+                .map(|r| Point { dtype: r.cfg.shape().dtype.into(), gflops: r.gflops, gbs: r.gbs, anchor_gflops: None })
                 .collect(),
         };
         plot::draw(&plot, path)?;

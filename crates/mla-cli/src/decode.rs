@@ -25,11 +25,10 @@ use crate::{cli_err, exec, npy};
 fn read_input(path: &Path, what: &str, dtype: DType, descale: f32) -> CliResult<(Vec<usize>, Elems)> {
     let (shape, data) = npy::read_elements(path)?;
     let p = path.display();
-    if shape.len() == 4
-        && matches!(data, Elements::Bits8(_))
-        && Fp8Layout::from_bytes_per_token(shape[3]).is_some()
-    {
-        return Err(cli_err!("{p}: shape {shape:?} of bytes looks like an FP8 cache; pass --fp8-cache to read it as one"));
+    if shape.len() == 4 && matches!(data, Elements::Bits8(_)) && Fp8Layout::from_bytes_per_token(shape[3]).is_some() {
+        return Err(cli_err!(
+            "{p}: shape {shape:?} of bytes looks like an FP8 cache; pass --fp8-cache to read it as one"
+        ));
     }
     if shape.len() != 4 || shape[3] != HEAD_DIM_K {
         return Err(cli_err!("{p}: expected an array of shape {what}, got shape {shape:?}"));
@@ -109,9 +108,8 @@ pub fn run(args: &DecodeArgs) -> CliResult {
     let causal = args.causal;
     let (dq, dk) = (descale_q.unwrap_or(1.0), descale_k.unwrap_or(1.0));
 
-    // The cache first: an FP8 cache given without --fp8-cache is named as such before q's width is questioned.
-    let (ks, kv) = named("kv-cache", read_input(&args.kv_cache, "[num_blocks, page_size, h_kv, 576]", dtype, dk))?;
     let (qs, q) = named("q", read_input(&args.q, "[b, s_q, h_q, 576]", dtype, dq))?;
+    let (ks, kv) = named("kv-cache", read_input(&args.kv_cache, "[num_blocks, page_size, h_kv, 576]", dtype, dk))?;
     let (bts, block_table) = named("block-table", read_i32(block_table_path, "[b, max_blocks_per_seq]", 2))?;
     let (sls, seqlens) = named("seqlens", read_i32(seqlens_path, "[b]", 1))?;
     let (b, s_q, h_q) = (qs[0], qs[1], qs[2]);

@@ -166,14 +166,15 @@ pub fn run(args: &DecodeArgs) -> CliResult {
                 ],
             )?;
             let (topk, indices) = named("indices", read_selection(indices, "topk", b, s_q))?;
-            let topk_length = args.topk_length.as_ref().map(|p| named("topk-length", read_lengths(p, b))).transpose()?;
+            let topk_length =
+                args.topk_length.as_ref().map(|p| named("topk-length", read_lengths(p, b))).transpose()?;
             let attn_sink = args.attn_sink.as_ref().map(|p| named("attn-sink", read_sink(p, h_q))).transpose()?;
             let extra = match (&args.extra_k_cache, &args.extra_indices) {
                 (None, None) => {
-                    reject("a decode without --extra-k-cache", &[(
-                        "extra-topk-length",
-                        args.extra_topk_length.is_some(),
-                    )])?;
+                    reject(
+                        "a decode without --extra-k-cache",
+                        &[("extra-topk-length", args.extra_topk_length.is_some())],
+                    )?;
                     None
                 }
                 (None, Some(_)) => return Err(cli_err!("--extra-indices needs --extra-k-cache")),

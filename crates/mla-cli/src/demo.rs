@@ -177,7 +177,7 @@ fn run_sparse(args: &DemoArgs) -> CliResult {
             topk: args.topk,
             topk_length: true,
             attn_sink: true,
-            extra: (args.extra_topk > 0).then(|| ExtraSpec {
+            extra: (args.extra_topk > 0).then_some(ExtraSpec {
                 topk: args.extra_topk,
                 page_size: args.page_size,
                 mean_seqlen: args.seqlen,
@@ -265,7 +265,10 @@ fn run_sparse(args: &DemoArgs) -> CliResult {
 
     if let Some(dir) = &args.save {
         let opts = sparse::save(dir, &p, &got)?;
-        println!("saved to {}/; reproduce with: flashmla decode --fp8-cache {opts} --out out.npy --lse lse.npy", dir.display());
+        println!(
+            "saved to {}/; reproduce with: flashmla decode --fp8-cache {opts} --out out.npy --lse lse.npy",
+            dir.display()
+        );
     }
     if failures.is_empty() {
         println!("PASS");

@@ -123,9 +123,7 @@ pub fn save(dir: &Path, p: &Fp8HostProblem, got: &HostOutputs) -> CliResult<Stri
     let q: Vec<f32> = p.q.iter().map(|&x| bf16_to_f32(x)).collect();
     npy::write_f32(&f("q.npy"), &[b, s_q, h_q, p.layout.head_dim_k()], &q)?;
     let mut opts = format!("--q {d}/q.npy", d = dir.display());
-    for (sel, prefix, flag) in
-        std::iter::once((main, "", "")).chain(extra.as_ref().map(|e| (e, "extra_", "extra-")))
-    {
+    for (sel, prefix, flag) in std::iter::once((main, "", "")).chain(extra.as_ref().map(|e| (e, "extra_", "extra-"))) {
         let c = &sel.cache;
         npy::write_u8(&f(&format!("{prefix}kv.npy")), &c.shape(), &packed(c))?;
         npy::write_i32(&f(&format!("{prefix}indices.npy")), &[b, s_q, sel.topk], &sel.indices)?;
