@@ -168,3 +168,63 @@ pub fn time_fp8(
     )?;
     Ok((run.outputs(), timing))
 }
+
+#[cfg(test)]
+mod tests {
+    use mla_core::{
+        Capabilities, DType, Fp8Capabilities, Fp8Layout, PageSizes, Result, ValidatedDecode, ValidatedMetadata,
+    };
+    use mla_cpu::fp8problem::{Fp8RandomSpec, SparseSpec};
+
+    use super::*;
+
+    /// A GPU backend without FP8 support, as the Hopper backend is today (docs/sparse-fp8.md); nothing but its
+    /// capabilities is ever called.
+    struct NoFp8(Capabilities);
+
+    impl MlaBackend for NoFp8 {
+        fn name(&self) -> &'static str {
+            "gpu"
+        }
+        fn capabilities(&self) -> &Capabilities {
+            &self.0
+        }
+        fn metadata_validated(&self, _v: &ValidatedMetadata, _s: mla_core::Stream) -> Result<()> {
+            unreachable!("the FP8 path never calls the dense metadata step")
+        }
+        fn decode_validated(&self, _v: &ValidatedDecode, _s: mla_core::Stream) -> Result<()> {
+            unreachable!("the FP8 path never calls the dense decode")
+        }
+    }
+
+    #[test]
+    fn a_backend_without_fp8_answers_with_its_own_unsupported_error() {
+        let backend = NoFp8(Capabilities {
+            backend: "gpu",
+            device: Device::Cuda(0),
+            device_name: "test GPU".into(),
+            sm_count: 132,
+            compute_capability: Some((9, 0)),
+            dtypes: vec![DType::Bf16],
+            head_dims: vec![Capabilities::MLA_HEAD_DIMS],
+            page_sizes: PageSizes::Only(vec![64]),
+            fp8: Fp8Capabilities::none(),
+        });
+        let p = Fp8HostProblem::random(&Fp8RandomSpec {
+            layout: Fp8Layout::V32,
+            batch: 1,
+            s_q: 1,
+            h_q: 4,
+            page_size: 4,
+            mean_seqlen: 8,
+            varlen: false,
+            sparse: Some(SparseSpec::new(4)),
+            causal: false,
+            seed: 0,
+        })
+        .unwrap();
+        let err = run_fp8(&backend, &p).unwrap_err().to_string();
+        assert_eq!(err, mla_core::sparse::unsupported("gpu").to_string());
+        assert!(err.contains("not implemented by this backend yet") && err.contains("`cpu` backend"), "{err}");
+    }
+}
