@@ -137,7 +137,7 @@ pub struct PlanArgs {
                   bf16 values, widened)."
 )]
 pub struct DecodeArgs {
-    /// Queries `[b, s_q, h_q, 576]`.
+    /// Queries `[b, s_q, h_q, 576]` (512 over a MODEL1 FP8 cache).
     #[arg(long, value_name = "Q.npy")]
     pub q: PathBuf,
     /// Paged KV cache `[num_blocks, page_size, h_kv, 576]`.
@@ -167,7 +167,7 @@ pub struct DecodeArgs {
     /// Causal mask over the s_q query tokens (not with --indices).
     #[arg(long)]
     pub causal: bool,
-    /// Softmax scale (default 1/sqrt(576)).
+    /// Softmax scale (default 1/sqrt(d_qk): 1/sqrt(576), or 1/sqrt(512) over a MODEL1 FP8 cache).
     #[arg(long, value_name = "X")]
     pub softmax_scale: Option<f32>,
     /// Per-tensor descale of q (e4m3 only): stored codes are e4m3(x / X).
@@ -460,6 +460,41 @@ mod tests {
         assert_eq!((b.varlen, b.sk), (Some(Some("fixed".into())), Some(vec![1])));
         let Command::Bench(b) = parse(&["bench", "--varlen", "--sk", "1"]).unwrap().command else { panic!() };
         assert_eq!(b.varlen, Some(None));
+    }
+
+    #[test]
+    fn parses_the_fp8_options() {
+        let Command::Decode(d) = parse(&[
+            "decode",
+            "--fp8-cache",
+            "--q",
+            "q",
+            "--kv-cache",
+            "k",
+            "--indices",
+            "i",
+            "--out",
+            "o",
+            "--lse",
+            "l",
+        ])
+        .unwrap()
+        .command
+        else {
+            panic!("decode")
+        };
+        // --indices stands in for the dense inputs.
+        assert!(d.fp8_cache && d.indices.is_some() && d.block_table.is_none() && d.seqlens.is_none());
+        assert_eq!(d.dtype, None);
+        let Command::Demo(d) = parse(&["demo", "--mode", "sparse", "--layout", "model1"]).unwrap().command else {
+            panic!("demo")
+        };
+        assert_eq!((d.mode.as_str(), d.layout.as_str(), d.topk, d.extra_topk), ("sparse", "model1", 2048, 0));
+        let Command::Bench(b) = parse(&["bench", "--grid", "sparse", "--layout", "v32,model1"]).unwrap().command else {
+            panic!("bench")
+        };
+        assert_eq!(b.layout, Some(vec!["v32".to_string(), "model1".to_string()]));
+        assert!(parse(&["demo", "--mode", "fp8"]).unwrap_err().starts_with("--mode: expected one of dense, sparse"));
     }
 
     #[test]
