@@ -213,7 +213,7 @@ fn run_sparse(args: &DemoArgs) -> CliResult {
     let (got, timing) = exec::time_fp8(backend.as_ref(), &p, iters, iters, 0.0)?;
     let t = timing.median();
     println!(
-        "time: {:.3} ms median of {} (best {:.3} ms); {:.1} GB/s, {:.2} TFLOP/s",
+        "time: {:.3} ms median of {} (best {:.3} ms); {:.2} GB/s, {:.3} TFLOP/s",
         t * 1e3,
         timing.samples.len(),
         timing.min() * 1e3,
