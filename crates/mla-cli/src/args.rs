@@ -125,21 +125,30 @@ pub struct PlanArgs {
     after_help = "Inputs q and kv-cache: float32, float16 or float64 arrays (rounded to --dtype), or raw elements \
                   already in --dtype (2-byte '<V2'/'<u2' for bf16 and fp16, e.g. ml_dtypes.bfloat16 arrays; \
                   1-byte '|V1'/'|u1' e4m3 codes, e.g. ml_dtypes.float8_e4m3fn). Block table and lengths: int32 or \
-                  int64. Outputs: float32 out [b, s_q, h_q, 512] and lse [b, h_q, s_q]."
+                  int64. Outputs: float32 out [b, s_q, h_q, 512] and lse [b, h_q, s_q].\n\n\
+                  FP8 cache (--fp8-cache, docs/sparse-fp8.md): --kv-cache holds the cache's bytes, uint8 (or '|V1') \
+                  [num_blocks, page_size, 1, 656 | 584]; its last dimension names the layout (656: V3.2, q \
+                  [b, s_q, h_q, 576]; 584: MODEL1, q [b, s_q, h_q, 512]); q is bf16 (floats rounded, or raw 2-byte \
+                  bf16). With --indices int32/int64 [b, s_q, topk] the decode is sparse (no --block-table, \
+                  --seqlens or --causal; optional --topk-length [b], --attn-sink float32 [h_q], and an extra cache: \
+                  --extra-k-cache with --extra-indices [b, s_q, extra_topk] and optional --extra-topk-length [b]); \
+                  without, it is dense over --block-table and --seqlens (V3.2 only). Entries of an index file outside \
+                  the cache (-1 above all) are skipped; every value must fit in int32. Outputs as above (out: the \
+                  bf16 values, widened)."
 )]
 pub struct DecodeArgs {
-    /// Queries `[b, s_q, h_q, 576]`.
+    /// Queries `[b, s_q, h_q, 576]` (512 over a MODEL1 FP8 cache).
     #[arg(long, value_name = "Q.npy")]
     pub q: PathBuf,
     /// Paged KV cache `[num_blocks, page_size, h_kv, 576]`.
     #[arg(long, value_name = "KV.npy")]
     pub kv_cache: PathBuf,
-    /// Page ids of each request `[b, max_blocks_per_seq]`.
-    #[arg(long, value_name = "BT.npy")]
-    pub block_table: PathBuf,
-    /// Cache length of each request `[b]`.
-    #[arg(long, value_name = "SL.npy")]
-    pub seqlens: PathBuf,
+    /// Page ids of each request `[b, max_blocks_per_seq]` (not with --indices).
+    #[arg(long, value_name = "BT.npy", required_unless_present = "indices")]
+    pub block_table: Option<PathBuf>,
+    /// Cache length of each request `[b]` (not with --indices).
+    #[arg(long, value_name = "SL.npy", required_unless_present = "indices")]
+    pub seqlens: Option<PathBuf>,
     /// Where to write the attention output.
     #[arg(long, value_name = "OUT.npy")]
     pub out: PathBuf,
@@ -152,13 +161,13 @@ pub struct DecodeArgs {
     /// CUDA device ordinal for GPU backends.
     #[arg(long, default_value_t = 0, value_name = "N")]
     pub device: i32,
-    /// Element type of q and the KV cache.
-    #[arg(long, default_value = "bf16", value_parser = dtype_arg)]
-    pub dtype: DType,
-    /// Causal mask over the s_q query tokens.
+    /// Element type of q and the KV cache [default: bf16; with --fp8-cache only bf16].
+    #[arg(long, value_parser = dtype_arg)]
+    pub dtype: Option<DType>,
+    /// Causal mask over the s_q query tokens (not with --indices).
     #[arg(long)]
     pub causal: bool,
-    /// Softmax scale (default 1/sqrt(576)).
+    /// Softmax scale (default 1/sqrt(d_qk): 1/sqrt(576), or 1/sqrt(512) over a MODEL1 FP8 cache).
     #[arg(long, value_name = "X")]
     pub softmax_scale: Option<f32>,
     /// Per-tensor descale of q (e4m3 only): stored codes are e4m3(x / X).
@@ -167,6 +176,29 @@ pub struct DecodeArgs {
     /// Per-tensor descale of the KV cache (e4m3 only).
     #[arg(long, value_name = "X")]
     pub descale_k: Option<f32>,
+    /// --kv-cache is an FP8 cache: uint8 `[num_blocks, page_size, 1, 656 | 584]`, the layout named by the last
+    /// dimension (656: V3.2, 584: MODEL1); q is bf16 `[b, s_q, h_q, 576 | 512]`.
+    #[arg(long)]
+    pub fp8_cache: bool,
+    /// Sparse decode (needs --fp8-cache): top-k token indices `[b, s_q, topk]`, int32 or int64, each
+    /// `page · page_size + offset`; entries outside the cache are skipped.
+    #[arg(long, value_name = "IDX.npy")]
+    pub indices: Option<PathBuf>,
+    /// Entries of --indices that count, per request `[b]` (default: all topk).
+    #[arg(long, value_name = "TL.npy")]
+    pub topk_length: Option<PathBuf>,
+    /// Attention sink per query head `[h_q]`, float32 (sparse only).
+    #[arg(long, value_name = "SINK.npy")]
+    pub attn_sink: Option<PathBuf>,
+    /// A second FP8 cache attended in addition (sparse only; same layout, own page size).
+    #[arg(long, value_name = "KV2.npy")]
+    pub extra_k_cache: Option<PathBuf>,
+    /// Indices into --extra-k-cache `[b, s_q, extra_topk]` (required with it).
+    #[arg(long, value_name = "IDX2.npy")]
+    pub extra_indices: Option<PathBuf>,
+    /// Entries of --extra-indices that count, per request `[b]`.
+    #[arg(long, value_name = "TL2.npy")]
+    pub extra_topk_length: Option<PathBuf>,
 }
 
 /// `flashmla demo`.
@@ -179,9 +211,22 @@ pub struct DemoArgs {
     /// CUDA device ordinal for GPU backends.
     #[arg(long, default_value_t = 0, value_name = "N")]
     pub device: i32,
-    /// Element type of q and the KV cache.
-    #[arg(long, default_value = "bf16", value_parser = dtype_arg)]
-    pub dtype: DType,
+    /// Element type of q and the KV cache [default: bf16; --mode sparse: bf16 only].
+    #[arg(long, value_parser = dtype_arg)]
+    pub dtype: Option<DType>,
+    /// dense: the paged decode over a bf16/fp16/e4m3 cache; sparse: top-k selections over an FP8 cache
+    /// (docs/sparse-fp8.md), with `topk_length`, `attn_sink`, invalid and duplicate indices.
+    #[arg(long, default_value = "dense", value_parser = ["dense", "sparse"])]
+    pub mode: String,
+    /// FP8 cache layout (--mode sparse): v32 (656 bytes per token, d_qk 576) or model1 (584, d_qk 512).
+    #[arg(long, default_value = "v32", value_parser = ["v32", "model1"])]
+    pub layout: String,
+    /// Selected tokens per query token (--mode sparse).
+    #[arg(long, default_value_t = 2048)]
+    pub topk: usize,
+    /// Selected tokens of an extra cache per query token (--mode sparse; 0: no extra cache).
+    #[arg(long, default_value_t = 0)]
+    pub extra_topk: usize,
     /// Requests in the batch.
     #[arg(long, default_value_t = 32)]
     pub batch: usize,
@@ -225,7 +270,8 @@ pub struct DemoArgs {
 #[command(
     args_override_self = true,
     after_help = "CPU grid (--backend cpu, the default): time, GB/s and GFLOP/s next to the measured copy \
-                  bandwidth and FMA peak. --backend hopper: upstream's GPU benchmark (whole decode call timed with \
+                  bandwidth and FMA peak; --grid sparse: top-k decodes over FP8 caches, bytes = the selected \
+                  token rows read + q + out, the Σs_k column counts the selected rows. --backend hopper: upstream's GPU benchmark (whole decode call timed with \
                   CUDA events, median, input sets rotated past L2) against upstream's figures on the same kind of \
                   device (H100 or H200). Progress ([k/N], elapsed, remaining) goes to stderr; tables to stdout."
 )]
@@ -239,9 +285,16 @@ pub struct BenchArgs {
     /// Worker threads (cpu).
     #[arg(long, value_name = "N")]
     pub threads: Option<usize>,
-    /// Configurations: cpu all|upstream|mem (default all); hopper upstream|small (default upstream).
-    #[arg(long, value_parser = ["all", "upstream", "mem", "small"])]
+    /// Configurations: cpu all|upstream|mem|sparse (default all: upstream and mem; sparse: top-k decodes over
+    /// FP8 caches, h_q 64,128, topk 2048, V3.2 and MODEL1); hopper upstream|small (default upstream).
+    #[arg(long, value_parser = ["all", "upstream", "mem", "sparse", "small"])]
     pub grid: Option<String>,
+    /// Selected tokens per query token (cpu, --grid sparse; default 2048).
+    #[arg(long, value_name = "K")]
+    pub topk: Option<usize>,
+    /// FP8 cache layouts, comma-separated (cpu, --grid sparse; default v32,model1).
+    #[arg(long, value_delimiter = ',', value_parser = ["v32", "model1"], value_name = "v32,model1")]
+    pub layout: Option<Vec<String>>,
     /// Element types, comma-separated (alias --dtypes).
     #[arg(long, value_delimiter = ',', value_parser = dtype_arg, value_name = "bf16,fp16,e4m3")]
     pub dtype: Option<Vec<DType>>,
@@ -296,7 +349,7 @@ pub struct BenchArgs {
     /// Skip measuring the ceilings.
     #[arg(long)]
     pub no_ceilings: bool,
-    /// List the configurations and their anchors without a device (hopper).
+    /// List the configurations (hopper: and their anchors) without running them.
     #[arg(long)]
     pub dry_run: bool,
     /// Upstream figures to compare with: h100 or h200 (hopper; default: the device's own, h100 for --dry-run).
@@ -410,6 +463,41 @@ mod tests {
     }
 
     #[test]
+    fn parses_the_fp8_options() {
+        let Command::Decode(d) = parse(&[
+            "decode",
+            "--fp8-cache",
+            "--q",
+            "q",
+            "--kv-cache",
+            "k",
+            "--indices",
+            "i",
+            "--out",
+            "o",
+            "--lse",
+            "l",
+        ])
+        .unwrap()
+        .command
+        else {
+            panic!("decode")
+        };
+        // --indices stands in for the dense inputs.
+        assert!(d.fp8_cache && d.indices.is_some() && d.block_table.is_none() && d.seqlens.is_none());
+        assert_eq!(d.dtype, None);
+        let Command::Demo(d) = parse(&["demo", "--mode", "sparse", "--layout", "model1"]).unwrap().command else {
+            panic!("demo")
+        };
+        assert_eq!((d.mode.as_str(), d.layout.as_str(), d.topk, d.extra_topk), ("sparse", "model1", 2048, 0));
+        let Command::Bench(b) = parse(&["bench", "--grid", "sparse", "--layout", "v32,model1"]).unwrap().command else {
+            panic!("bench")
+        };
+        assert_eq!(b.layout, Some(vec!["v32".to_string(), "model1".to_string()]));
+        assert!(parse(&["demo", "--mode", "fp8"]).unwrap_err().starts_with("--mode: expected one of dense, sparse"));
+    }
+
+    #[test]
     fn errors_are_one_line_and_name_the_argument() {
         let err = |s: &[&str]| parse(s).unwrap_err();
         assert_eq!(err(&["plan", "--h-q", "x"]), "--h-q: invalid value `x`: invalid digit found in string");
@@ -422,7 +510,7 @@ mod tests {
         assert!(
             err(&["demo", "--backend", "tpu"]).starts_with("--backend: expected one of auto, cpu, hopper, got `tpu`")
         );
-        assert_eq!(err(&["decode", "--q", "q.npy"]), "--kv-cache, --block-table, --seqlens, --out, --lse are required");
+        assert_eq!(err(&["decode", "--q", "q.npy"]), "--kv-cache, --out, --lse, --block-table, --seqlens are required");
         for e in [err(&["plan", "--h-q", "x"]), err(&["plan", "--jsn"]), err(&["decode"])] {
             assert_eq!(e.lines().count(), 1, "{e}");
         }

@@ -6,15 +6,19 @@
 //! |---|---|---|
 //! | `upstream` | h_kv = 1, h_q ∈ {16, 32, 64, 128}, s_q ∈ {1, 2}, b = 16, s_k = 4096 (upstream: b = 128) | the published grid; on a CPU every row is compute-bound (M = s_q·h_q ≥ 16 query rows share each K row) |
 //! | `mem` | h_q = h_kv = 16 (M = s_q), s_q ∈ {1, 2}, b = 16, s_k = 256 | memory-bound rows, to compare against the copy bandwidth |
+//! | `sparse` (per layout, V3.2 and MODEL1; not in `all`) | h_q ∈ {64, 128}, s_q ∈ {1, 2}, b = 16, topk = 2048 distinct tokens of s_k = 4096 | upstream's sparse decode shapes (docs/sparse-fp8.md), bf16 q over an FP8 cache |
 //!
 //! FLOPs = `2·s_q·Σs_k·h_q·(576+512)`; bytes = `elt·(Σs_k·h_kv·576 + b·s_q·h_q·576) + out_elt·b·s_q·h_q·512`.
+//! Sparse rows: `Σs_k` is the selected token rows read, and bytes and FLOPs are [`crate::sparse::bytes`] /
+//! [`crate::sparse::flops`] (the rows' bytes per token, bf16 q and out); the dtype column names the layout.
 //! A row is memory-bound when FLOPs/bytes is below the measured ridge (FMA peak / copy bandwidth). The ceilings are
 //! measured once up front (about a second) and again, briefly, before every row: on a shared machine the load
 //! changes from one row to the next, and each row's percentages are against the ceilings measured next to it.
 
 use std::path::Path;
 
-use mla_core::{DType, HEAD_DIM_K, HEAD_DIM_V, MlaBackend};
+use mla_core::{DType, Fp8Layout, HEAD_DIM_K, HEAD_DIM_V, MlaBackend};
+use mla_cpu::fp8problem::{Fp8HostProblem, Fp8RandomSpec, SparseSpec};
 use mla_cpu::problem::{HostProblem, RandomSpec};
 use mla_cpu::roofline::{self, Ceilings};
 use mla_cpu::{CpuBackend, CpuOptions};
@@ -23,17 +27,104 @@ use serde::Serialize;
 use crate::args::{BenchArgs, CliResult};
 use crate::plot::{self, Plot, Point};
 use crate::progress::Progress;
-use crate::{cli_err, exec};
+use crate::{cli_err, exec, sparse};
 
 /// Options of the GPU benchmark, rejected here by name.
-const HOPPER_ONLY: [&str; 8] = ["sets", "sync-each", "dry-run", "anchors", "sk", "dtypes", "hq", "sq"];
+const HOPPER_ONLY: [&str; 7] = ["sets", "sync-each", "anchors", "sk", "dtypes", "hq", "sq"];
+
+/// Tokens per page of every generated cache (upstream's page size).
+const PAGE_SIZE: usize = 64;
+/// Sparse grid: selected tokens per query token (upstream's V3.2 `topk`).
+const SPARSE_TOPK: usize = 2048;
+/// Sparse grid: context length, above `topk` so that every selection is full.
+const SPARSE_SEQLEN: usize = 4096;
+/// Sparse grid: query heads (upstream's sparse decode runs h_q 64 and 128).
+const SPARSE_H_Q: [usize; 2] = [64, 128];
+
+/// A configuration's problem: the dense decode, or a sparse decode over an FP8 cache.
+#[derive(Clone, Debug)]
+enum Spec {
+    Dense(RandomSpec),
+    Sparse(Fp8RandomSpec),
+}
 
 /// One configuration of the grid.
 #[derive(Clone, Debug)]
 struct Config {
     grid: &'static str,
-    spec: RandomSpec,
+    spec: Spec,
 }
+
+/// The figures of a configuration the report prints, whichever its kind.
+struct Shape {
+    /// dtype (dense) or layout (sparse).
+    dtype: &'static str,
+    batch: usize,
+    s_q: usize,
+    h_q: usize,
+    h_kv: usize,
+    mean_seqlen: usize,
+    varlen: bool,
+    causal: bool,
+    topk: Option<usize>,
+}
+
+impl Config {
+    fn shape(&self) -> Shape {
+        match &self.spec {
+            Spec::Dense(s) => Shape {
+                dtype: s.dtype.name(),
+                batch: s.batch,
+                s_q: s.s_q,
+                h_q: s.h_q,
+                h_kv: s.h_kv,
+                mean_seqlen: s.mean_seqlen,
+                varlen: s.varlen,
+                causal: s.causal,
+                topk: None,
+            },
+            Spec::Sparse(s) => Shape {
+                dtype: s.layout.name(),
+                batch: s.batch,
+                s_q: s.s_q,
+                h_q: s.h_q,
+                h_kv: 1,
+                mean_seqlen: s.mean_seqlen,
+                varlen: s.varlen,
+                causal: false,
+                topk: s.sparse.as_ref().map(|sp| sp.topk),
+            },
+        }
+    }
+}
+
+/// One timed configuration: its problem's size and traffic, and the timing.
+struct Measured {
+    /// Σs_k (dense) or the selected token rows read (sparse).
+    tokens: u64,
+    bytes: f64,
+    flops: f64,
+    timing: exec::Timing,
+}
+
+/// Builds a configuration's problem and times it on `backend`.
+fn measure(backend: &dyn MlaBackend, spec: &Spec, min_iters: usize, min_time: f64) -> CliResult<Measured> {
+    match spec {
+        Spec::Dense(s) => {
+            let p = HostProblem::random(s);
+            let (_, timing) = exec::time_decode(backend, &p, min_iters, MAX_ITERS, min_time)?;
+            Ok(Measured { tokens: p.total_seqlen(), bytes: p.bytes(), flops: p.flops(), timing })
+        }
+        Spec::Sparse(s) => {
+            let p = Fp8HostProblem::random(s)?;
+            let (_, timing) = exec::time_fp8(backend, &p, min_iters, MAX_ITERS, min_time)?;
+            Ok(Measured { tokens: sparse::rows_read(&p), bytes: sparse::bytes(&p), flops: sparse::flops(&p), timing })
+        }
+    }
+}
+
+/// Most timed calls of one configuration.
+const MAX_ITERS: usize = 1000;
 
 /// One measured configuration.
 struct Row {
@@ -48,9 +139,16 @@ struct Row {
     gflops: f64,
 }
 
-/// FLOPs of a configuration at its mean length (upstream's formula, before the random lengths are drawn).
-fn nominal_flops(s: &RandomSpec) -> f64 {
-    2.0 * (s.batch * s.mean_seqlen * s.s_q * s.h_q) as f64 * (HEAD_DIM_K + HEAD_DIM_V) as f64
+/// FLOPs of a configuration at its mean length (upstream's formula, before the random lengths are drawn; sparse:
+/// `min(topk, s_k)` tokens per query token).
+fn nominal_flops(spec: &Spec) -> f64 {
+    match spec {
+        Spec::Dense(s) => 2.0 * (s.batch * s.mean_seqlen * s.s_q * s.h_q) as f64 * (HEAD_DIM_K + HEAD_DIM_V) as f64,
+        Spec::Sparse(s) => {
+            let topk = s.sparse.as_ref().map_or(s.mean_seqlen, |sp| sp.topk.min(s.mean_seqlen));
+            2.0 * (s.batch * topk * s.s_q * s.h_q) as f64 * (s.layout.head_dim_k() + HEAD_DIM_V) as f64
+        }
+    }
 }
 
 /// The hopper-only options that were given.
@@ -58,7 +156,6 @@ fn hopper_only_given(a: &BenchArgs) -> Option<&'static str> {
     let given = [
         a.sets.is_some(),
         a.sync_each,
-        a.dry_run,
         a.anchors.is_some(),
         a.sk.is_some(),
         a.dtypes.is_some(),
@@ -69,8 +166,23 @@ fn hopper_only_given(a: &BenchArgs) -> Option<&'static str> {
 }
 
 fn grid(args: &BenchArgs) -> CliResult<Vec<Config>> {
+    let which = args.grid.as_deref().unwrap_or("all");
+    let sparse_grid = which == "sparse";
+    if !sparse_grid {
+        if args.topk.is_some() {
+            return Err(cli_err!("--topk applies to --grid sparse only"));
+        }
+        if args.layout.is_some() {
+            return Err(cli_err!("--layout applies to --grid sparse only"));
+        }
+    } else if args.dtype.is_some() {
+        return Err(cli_err!(
+            "--dtype applies to the dense grids (--grid sparse: bf16 q over FP8 caches, see --layout)"
+        ));
+    }
     let dtypes: Vec<DType> = args.dtype.clone().unwrap_or_else(|| DType::ALL.to_vec());
-    let h_qs: Vec<usize> = args.h_q.clone().unwrap_or_else(|| vec![16, 32, 64, 128]);
+    let default_h_q = if sparse_grid { SPARSE_H_Q.to_vec() } else { vec![16, 32, 64, 128] };
+    let h_qs: Vec<usize> = args.h_q.clone().unwrap_or(default_h_q);
     let s_qs: Vec<usize> = args.s_q.clone().unwrap_or_else(|| vec![1, 2]);
     let batch: usize = args.batch.unwrap_or(16);
     let seqlen: Option<usize> = match args.seqlen.as_deref() {
@@ -86,13 +198,46 @@ fn grid(args: &BenchArgs) -> CliResult<Vec<Config>> {
         None => false,
     };
     let causal = !args.no_causal;
-    let which = args.grid.as_deref().unwrap_or("all");
     let seed: u64 = args.seed.unwrap_or(0);
-    if !matches!(which, "all" | "upstream" | "mem") {
-        return Err(cli_err!("--grid: expected all, upstream or mem with --backend cpu, got `{which}`"));
+    if !matches!(which, "all" | "upstream" | "mem" | "sparse") {
+        return Err(cli_err!("--grid: expected all, upstream, mem or sparse with --backend cpu, got `{which}`"));
     }
     if batch == 0 || h_qs.contains(&0) || s_qs.contains(&0) || seqlen == Some(0) {
         return Err(cli_err!("--batch, --h-q, --s-q and --seqlen take values >= 1"));
+    }
+    if sparse_grid {
+        let topk = args.topk.unwrap_or(SPARSE_TOPK);
+        if topk == 0 {
+            return Err(cli_err!("--topk: expected a value >= 1, got 0"));
+        }
+        let layouts = match &args.layout {
+            Some(v) => v
+                .iter()
+                .map(|l| Fp8Layout::parse(l).ok_or_else(|| cli_err!("--layout: expected v32 or model1, got `{l}`")))
+                .collect::<CliResult<Vec<_>>>()?,
+            None => Fp8Layout::ALL.to_vec(),
+        };
+        let mut out = Vec::new();
+        for &layout in &layouts {
+            for &h_q in &h_qs {
+                for &s_q in &s_qs {
+                    let spec = Fp8RandomSpec {
+                        layout,
+                        batch,
+                        s_q,
+                        h_q,
+                        page_size: PAGE_SIZE,
+                        mean_seqlen: seqlen.unwrap_or(SPARSE_SEQLEN),
+                        varlen,
+                        sparse: Some(SparseSpec::new(topk)),
+                        causal: false,
+                        seed,
+                    };
+                    out.push(Config { grid: "sparse", spec: Spec::Sparse(spec) });
+                }
+            }
+        }
+        return Ok(out);
     }
     let spec = |dtype, h_q, h_kv, s_q, s_k| RandomSpec {
         batch,
@@ -101,7 +246,7 @@ fn grid(args: &BenchArgs) -> CliResult<Vec<Config>> {
         h_kv,
         mean_seqlen: seqlen.unwrap_or(s_k),
         varlen,
-        page_size: 64,
+        page_size: PAGE_SIZE,
         dtype,
         causal,
         seed,
@@ -111,13 +256,13 @@ fn grid(args: &BenchArgs) -> CliResult<Vec<Config>> {
         if which != "mem" {
             for &h_q in &h_qs {
                 for &s_q in &s_qs {
-                    out.push(Config { grid: "upstream", spec: spec(dtype, h_q, 1, s_q, 4096) });
+                    out.push(Config { grid: "upstream", spec: Spec::Dense(spec(dtype, h_q, 1, s_q, 4096)) });
                 }
             }
         }
         if which != "upstream" {
             for &s_q in &s_qs {
-                out.push(Config { grid: "mem", spec: spec(dtype, 16, 16, s_q, 256) });
+                out.push(Config { grid: "mem", spec: Spec::Dense(spec(dtype, 16, 16, s_q, 256)) });
             }
         }
     }
@@ -149,7 +294,11 @@ struct RowJson {
     h_q: usize,
     h_kv: usize,
     mean_seqlen: usize,
+    /// Σs_k, or for a sparse row the selected token rows read.
     total_seqlen: u64,
+    /// Sparse rows: selected tokens per query token.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    topk: Option<usize>,
     varlen: bool,
     causal: bool,
     iters: usize,
@@ -181,17 +330,18 @@ fn write_json(path: &Path, device: &str, backend: &str, ceil: Option<Ceilings>, 
         results: rows
             .iter()
             .map(|r| {
-                let sp = &r.cfg.spec;
+                let sp = r.cfg.shape();
                 let pct = |x: f64, of: Option<f64>| of.map(|o| round(100.0 * x / o, 1));
                 RowJson {
                     grid: r.cfg.grid,
-                    dtype: sp.dtype.name(),
+                    dtype: sp.dtype,
                     batch: sp.batch,
                     s_q: sp.s_q,
                     h_q: sp.h_q,
                     h_kv: sp.h_kv,
                     mean_seqlen: sp.mean_seqlen,
                     total_seqlen: r.total_seqlen,
+                    topk: sp.topk,
                     varlen: sp.varlen,
                     causal: sp.causal,
                     iters: r.iters,
@@ -246,6 +396,26 @@ pub fn run(args: &BenchArgs) -> CliResult {
     let min_time: f64 = args.min_time.unwrap_or(0.3);
     let no_ceilings = args.no_ceilings;
     let configs = grid(args)?;
+    if args.dry_run {
+        println!("{} configurations (--dry-run: nothing runs)", configs.len());
+        for c in &configs {
+            let s = c.shape();
+            println!(
+                "{:<9} {:<6} h_q={:<4} h_kv={:<3} s_q={} b={} s_k={}{}{}{}",
+                c.grid,
+                s.dtype,
+                s.h_q,
+                s.h_kv,
+                s.s_q,
+                s.batch,
+                s.mean_seqlen,
+                s.topk.map_or(String::new(), |k| format!(" topk={k}")),
+                if s.varlen { " varlen" } else { "" },
+                if s.causal { " causal" } else { "" },
+            );
+        }
+        return Ok(());
+    }
     if threads == Some(0) {
         return Err(cli_err!("--threads: expected a value >= 1, got 0"));
     }
@@ -281,7 +451,7 @@ pub fn run(args: &BenchArgs) -> CliResult {
         );
     }
     println!(
-        "{:<9} {:<5} {:>5} {:>4} {:>4} {:>3} {:>8} {:>10} {:>9} {:>9} {:>6} {:>6} {:>7} {:>7}  bound",
+        "{:<9} {:<6} {:>5} {:>4} {:>4} {:>3} {:>8} {:>10} {:>9} {:>9} {:>6} {:>6} {:>7} {:>7}  bound",
         "grid", "dtype", "h_q", "h_kv", "s_q", "b", "Σs_k", "ms", "GB/s", "GFLOP/s", "copy", "fma", "%copy", "%fma"
     );
     let mut rows = Vec::new();
@@ -292,23 +462,22 @@ pub fn run(args: &BenchArgs) -> CliResult {
     let costs = flops.iter().map(|f| f + floor).collect();
     let mut progress = Progress::new(costs, false);
     for cfg in configs {
-        let p = HostProblem::random(&cfg.spec);
         let local = ceil.map(|_| roofline::measure_quick(&cpu));
-        let (_, timing) = exec::time_decode(backend.as_ref(), &p, min_iters.max(1), 1000, min_time)?;
-        let t = timing.median();
+        let m = measure(backend.as_ref(), &cfg.spec, min_iters.max(1), min_time)?;
+        let t = m.timing.median();
         let row = Row {
             ceil: local,
-            total_seqlen: p.total_seqlen(),
+            total_seqlen: m.tokens,
             median_s: t,
-            best_s: timing.min(),
-            iters: timing.samples.len(),
-            gbs: p.bytes() / t / 1e9,
-            gflops: p.flops() / t / 1e9,
+            best_s: m.timing.min(),
+            iters: m.timing.samples.len(),
+            gbs: m.bytes / t / 1e9,
+            gflops: m.flops / t / 1e9,
             cfg,
         };
         let (copy, fma, pbw, pfma, bound) = match local {
             Some(c) => {
-                let intensity = p.flops() / p.bytes();
+                let intensity = m.flops / m.bytes;
                 (
                     format!("{:.1}", c.copy_gbs),
                     format!("{:.1}", c.fma_gflops),
@@ -319,12 +488,12 @@ pub fn run(args: &BenchArgs) -> CliResult {
             }
             None => ("-".into(), "-".into(), "-".into(), "-".into(), "-"),
         };
-        let sp = &row.cfg.spec;
+        let sp = row.cfg.shape();
         println!(
-            "{:<9} {:<5} {:>5} {:>4} {:>4} {:>3} {:>8} {:>10.3} {:>9.1} {:>9.1} {copy:>6} {fma:>6} {pbw:>7} {pfma:>7}  \
+            "{:<9} {:<6} {:>5} {:>4} {:>4} {:>3} {:>8} {:>10.3} {:>9.1} {:>9.1} {copy:>6} {fma:>6} {pbw:>7} {pfma:>7}  \
              {bound}",
             row.cfg.grid,
-            sp.dtype.name(),
+            sp.dtype,
             sp.h_q,
             sp.h_kv,
             sp.s_q,
@@ -334,7 +503,7 @@ pub fn run(args: &BenchArgs) -> CliResult {
             row.gbs,
             row.gflops,
         );
-        progress.step(&format!("{} {} h_q={} s_q={}", row.cfg.grid, sp.dtype.name(), sp.h_q, sp.s_q));
+        progress.step(&format!("{} {} h_q={} s_q={}", row.cfg.grid, sp.dtype, sp.h_q, sp.s_q));
         rows.push(row);
     }
     if let Some(path) = &args.json {
@@ -349,12 +518,7 @@ pub fn run(args: &BenchArgs) -> CliResult {
             anchor_label: plot::anchor_label(None),
             points: rows
                 .iter()
-                .map(|r| Point {
-                    dtype: r.cfg.spec.dtype.name().into(),
-                    gflops: r.gflops,
-                    gbs: r.gbs,
-                    anchor_gflops: None,
-                })
+                .map(|r| Point { dtype: r.cfg.shape().dtype.into(), gflops: r.gflops, gbs: r.gbs, anchor_gflops: None })
                 .collect(),
         };
         plot::draw(&plot, path)?;

@@ -158,7 +158,12 @@ fn parse(args: &BenchArgs) -> CliResult<Options> {
         dry_run: args.dry_run,
         ordinal: args.device,
     };
-    for (cpu_only, given) in [("threads", args.threads.is_some()), ("min-time", args.min_time.is_some())] {
+    for (cpu_only, given) in [
+        ("threads", args.threads.is_some()),
+        ("min-time", args.min_time.is_some()),
+        ("topk", args.topk.is_some()),
+        ("layout", args.layout.is_some()),
+    ] {
         if given {
             return Err(cli_err!("--{cpu_only} applies to --backend cpu only"));
         }

@@ -116,9 +116,14 @@ pub fn reference_row(p: &HostProblem, i: usize, t: usize, h: usize) -> (Vec<f64>
 
 /// Chooses up to `n` query rows `(i, t, h)` spread over the problem (every request, first and last tokens).
 pub fn sample_rows(p: &HostProblem, n: usize) -> Vec<(usize, usize, usize)> {
-    let total = p.batch * p.s_q * p.h_q;
+    sample_rows_of(p.batch, p.s_q, p.h_q, n)
+}
+
+/// [`sample_rows`] for a problem of `batch` requests of `s_q` tokens of `h_q` heads.
+pub fn sample_rows_of(batch: usize, s_q: usize, h_q: usize, n: usize) -> Vec<(usize, usize, usize)> {
+    let total = batch * s_q * h_q;
     let step = total.div_ceil(n.max(1)).max(1);
-    (0..total).step_by(step).map(|k| (k / (p.s_q * p.h_q), (k / p.h_q) % p.s_q, (k * 7 + k / p.h_q) % p.h_q)).collect()
+    (0..total).step_by(step).map(|k| (k / (s_q * h_q), (k / h_q) % s_q, (k * 7 + k / h_q) % h_q)).collect()
 }
 
 /// True for dtypes whose inputs are quantized with descales (for messages).

@@ -8,10 +8,12 @@
 //! | `--seqlens` | int32 or int64 | `[b]` |
 //! | `--out` (written) | float32 | `[b, s_q, h_q, 512]`: the out-dtype values, widened |
 //! | `--lse` (written) | float32 | `[b, h_q, s_q]` |
+//!
+//! `--fp8-cache` reads a decode over an FP8 cache instead ([`crate::decode_fp8`]).
 
 use std::path::Path;
 
-use mla_core::{DType, HEAD_DIM_K, HEAD_DIM_V};
+use mla_core::{DType, Fp8Layout, HEAD_DIM_K, HEAD_DIM_V};
 use mla_cpu::problem::{Elems, HostProblem};
 
 use crate::args::{CliResult, DecodeArgs};
@@ -23,6 +25,11 @@ use crate::{cli_err, exec, npy};
 fn read_input(path: &Path, what: &str, dtype: DType, descale: f32) -> CliResult<(Vec<usize>, Elems)> {
     let (shape, data) = npy::read_elements(path)?;
     let p = path.display();
+    if shape.len() == 4 && matches!(data, Elements::Bits8(_)) && Fp8Layout::from_bytes_per_token(shape[3]).is_some() {
+        return Err(cli_err!(
+            "{p}: shape {shape:?} of bytes looks like an FP8 cache; pass --fp8-cache to read it as one"
+        ));
+    }
     if shape.len() != 4 || shape[3] != HEAD_DIM_K {
         return Err(cli_err!("{p}: expected an array of shape {what}, got shape {shape:?}"));
     }
@@ -40,7 +47,7 @@ fn read_input(path: &Path, what: &str, dtype: DType, descale: f32) -> CliResult<
     Ok((shape, elems))
 }
 
-fn read_i32(path: &Path, what: &str, rank: usize) -> CliResult<(Vec<usize>, Vec<i32>)> {
+pub fn read_i32(path: &Path, what: &str, rank: usize) -> CliResult<(Vec<usize>, Vec<i32>)> {
     let (shape, data) = npy::read_indices(path)?;
     if shape.len() != rank {
         return Err(cli_err!("{}: expected an integer array of shape {what}, got shape {shape:?}", path.display()));
@@ -48,7 +55,7 @@ fn read_i32(path: &Path, what: &str, rank: usize) -> CliResult<(Vec<usize>, Vec<
     Ok((shape, data))
 }
 
-fn positive_scale(name: &str, v: Option<f32>) -> CliResult<Option<f32>> {
+pub fn positive_scale(name: &str, v: Option<f32>) -> CliResult<Option<f32>> {
     if let Some(x) = v
         && !(x.is_finite() && x > 0.0)
     {
@@ -57,9 +64,38 @@ fn positive_scale(name: &str, v: Option<f32>) -> CliResult<Option<f32>> {
     Ok(v)
 }
 
+/// `--name FILE: message`: an input file's error, naming the option it came from.
+pub fn named<T>(flag: &str, r: CliResult<T>) -> CliResult<T> {
+    r.map_err(|e| cli_err!("--{flag} {e}"))
+}
+
+/// The FP8-only options that were given (they need `--fp8-cache`).
+fn fp8_only_given(args: &DecodeArgs) -> Option<&'static str> {
+    [
+        ("indices", args.indices.is_some()),
+        ("topk-length", args.topk_length.is_some()),
+        ("attn-sink", args.attn_sink.is_some()),
+        ("extra-k-cache", args.extra_k_cache.is_some()),
+        ("extra-indices", args.extra_indices.is_some()),
+        ("extra-topk-length", args.extra_topk_length.is_some()),
+    ]
+    .into_iter()
+    .find(|(_, given)| *given)
+    .map(|(name, _)| name)
+}
+
 /// Runs `flashmla decode`.
 pub fn run(args: &DecodeArgs) -> CliResult {
-    let dtype = args.dtype;
+    if args.fp8_cache {
+        return crate::decode_fp8::run(args);
+    }
+    if let Some(name) = fp8_only_given(args) {
+        return Err(cli_err!("--{name} applies to a decode over an FP8 cache: give --fp8-cache too"));
+    }
+    let (Some(block_table_path), Some(seqlens_path)) = (&args.block_table, &args.seqlens) else {
+        return Err(cli_err!("--block-table and --seqlens are required (dense decode)"));
+    };
+    let dtype = args.dtype.unwrap_or(DType::Bf16);
     let softmax_scale = positive_scale("softmax-scale", args.softmax_scale)?;
     let descale_q = positive_scale("descale-q", args.descale_q)?;
     let descale_k = positive_scale("descale-k", args.descale_k)?;
@@ -67,15 +103,15 @@ pub fn run(args: &DecodeArgs) -> CliResult {
         return Err(cli_err!("--descale-q/--descale-k apply to --dtype e4m3 only (got --dtype {dtype})"));
     }
     let (q_path, kv_path) = (args.q.display().to_string(), args.kv_cache.display().to_string());
-    let (bt_path, sl_path) = (args.block_table.display().to_string(), args.seqlens.display().to_string());
+    let (bt_path, sl_path) = (block_table_path.display().to_string(), seqlens_path.display().to_string());
     let (out_path, lse_path) = (args.out.display().to_string(), args.lse.display().to_string());
     let causal = args.causal;
     let (dq, dk) = (descale_q.unwrap_or(1.0), descale_k.unwrap_or(1.0));
 
-    let (qs, q) = read_input(&args.q, "[b, s_q, h_q, 576]", dtype, dq)?;
-    let (ks, kv) = read_input(&args.kv_cache, "[num_blocks, page_size, h_kv, 576]", dtype, dk)?;
-    let (bts, block_table) = read_i32(&args.block_table, "[b, max_blocks_per_seq]", 2)?;
-    let (sls, seqlens) = read_i32(&args.seqlens, "[b]", 1)?;
+    let (qs, q) = named("q", read_input(&args.q, "[b, s_q, h_q, 576]", dtype, dq))?;
+    let (ks, kv) = named("kv-cache", read_input(&args.kv_cache, "[num_blocks, page_size, h_kv, 576]", dtype, dk))?;
+    let (bts, block_table) = named("block-table", read_i32(block_table_path, "[b, max_blocks_per_seq]", 2))?;
+    let (sls, seqlens) = named("seqlens", read_i32(seqlens_path, "[b]", 1))?;
     let (b, s_q, h_q) = (qs[0], qs[1], qs[2]);
     let (num_blocks, page_size, h_kv) = (ks[0], ks[1], ks[2]);
     if b == 0 || s_q == 0 || h_q == 0 {

@@ -6,21 +6,38 @@
 //!    ├─ CPU reference on one thread: bitwise equal if the backend is the CPU (determinism), else upstream tolerances
 //!    └─ float64 spot check of sampled rows from the definition
 //! ```
+//! `--mode sparse`: the same steps for a top-k decode over an FP8 cache (docs/sparse-fp8.md): a random problem of
+//! [`Fp8HostProblem::random`] (varlen contexts, `topk_length`, `attn_sink` with ±inf heads, invalid, duplicate
+//! and all-invalid selections, NaN tokens that no valid entry reaches, optionally an extra cache), checked against
+//! the CPU reference on one thread and rows from a float64 reference ([`crate::sparse::reference_row`]). A
+//! backend without FP8 support (Hopper, for now) fails with its own `Unsupported` error.
+//!
 //! Exit status 0 only if every check passes.
 
 use std::path::Path;
 
-use mla_core::{DType, HEAD_DIM_K, HEAD_DIM_V};
+use mla_core::{DType, Fp8Layout, HEAD_DIM_K, HEAD_DIM_V};
+use mla_cpu::fp8problem::{ExtraSpec, Fp8HostMode, Fp8HostProblem, Fp8RandomSpec, SparseSpec};
 use mla_cpu::problem::{HostOutputs, HostProblem, RandomSpec};
 use mla_cpu::{CpuBackend, CpuOptions};
 
 use crate::args::{CliResult, DemoArgs};
 use crate::check;
-use crate::{cli_err, exec, npy};
+use crate::{cli_err, exec, npy, sparse};
+
+/// Fraction of selected entries made invalid (−1, other negatives, past the cache) in `--mode sparse`.
+const SPARSE_INVALID: f64 = 0.05;
+/// Fraction of selected entries made duplicates of an earlier entry of their row.
+const SPARSE_DUPLICATES: f64 = 0.02;
+/// Fraction of (request, token) rows whose every entry is invalid.
+const SPARSE_EMPTY_ROWS: f64 = 0.02;
 
 /// Runs `flashmla demo`.
 pub fn run(args: &DemoArgs) -> CliResult {
-    let dtype = args.dtype;
+    if args.mode == "sparse" {
+        return run_sparse(args);
+    }
+    let dtype = args.dtype.unwrap_or(DType::Bf16);
     let spec = RandomSpec {
         batch: args.batch,
         s_q: args.s_q,
@@ -120,6 +137,138 @@ pub fn run(args: &DemoArgs) -> CliResult {
 
     if let Some(dir) = &args.save {
         save_problem(dir, &p, &got)?;
+    }
+    if failures.is_empty() {
+        println!("PASS");
+        Ok(())
+    } else {
+        Err(cli_err!("check FAILED: {}", failures.join("; ")))
+    }
+}
+
+/// `flashmla demo --mode sparse`.
+fn run_sparse(args: &DemoArgs) -> CliResult {
+    if let Some(d) = args.dtype
+        && d != DType::Bf16
+    {
+        return Err(cli_err!("--dtype: --mode sparse takes bf16 queries over an FP8 cache, got --dtype {d}"));
+    }
+    if args.h_kv != 1 {
+        return Err(cli_err!("--h-kv: an FP8 cache holds one KV head (--mode sparse), got {}", args.h_kv));
+    }
+    for (name, v) in [("batch", args.batch), ("s-q", args.s_q), ("h-q", args.h_q), ("page-size", args.page_size)] {
+        if v == 0 {
+            return Err(cli_err!("--{name}: expected a value >= 1, got 0"));
+        }
+    }
+    if args.topk == 0 {
+        return Err(cli_err!("--topk: expected a value >= 1, got 0"));
+    }
+    let layout = Fp8Layout::parse(&args.layout).ok_or_else(|| cli_err!("--layout: expected v32 or model1"))?;
+    let spec = Fp8RandomSpec {
+        layout,
+        batch: args.batch,
+        s_q: args.s_q,
+        h_q: args.h_q,
+        page_size: args.page_size,
+        mean_seqlen: args.seqlen,
+        varlen: !args.fixed_len,
+        sparse: Some(SparseSpec {
+            topk: args.topk,
+            topk_length: true,
+            attn_sink: true,
+            extra: (args.extra_topk > 0).then_some(ExtraSpec {
+                topk: args.extra_topk,
+                page_size: args.page_size,
+                mean_seqlen: args.seqlen,
+                topk_length: true,
+            }),
+            invalid: SPARSE_INVALID,
+            duplicates: SPARSE_DUPLICATES,
+            empty_rows: SPARSE_EMPTY_ROWS,
+        }),
+        causal: false,
+        seed: args.seed,
+    };
+    let backend = flashmla::open_backend(&args.backend, args.device)?;
+    let p = Fp8HostProblem::random(&spec)?;
+    let Fp8HostMode::Sparse { main, extra, .. } = &p.mode else { unreachable!("a sparse spec makes a sparse problem") };
+    println!(
+        "problem: sparse decode over an FP8 {} cache ({} bytes/token), b={} s_q={} h_q={} page_size={} topk={}{}, \
+         {} tokens read (topk_length, attn_sink with ±inf heads, invalid/duplicate/empty selections), cache {:.1} MB",
+        layout.name(),
+        layout.bytes_per_token(),
+        p.batch,
+        p.s_q,
+        p.h_q,
+        args.page_size,
+        main.topk,
+        extra.as_ref().map_or(String::new(), |e| format!(" + extra topk={}", e.topk)),
+        sparse::rows_read(&p),
+        (main.cache.bytes.len() + extra.as_ref().map_or(0, |e| e.cache.bytes.len())) as f64 / 1e6,
+    );
+    println!("backend: {} on {}", backend.name(), backend.capabilities().device_name);
+
+    let iters = args.iters.max(1);
+    let (got, timing) = exec::time_fp8(backend.as_ref(), &p, iters, iters, 0.0)?;
+    let t = timing.median();
+    println!(
+        "time: {:.3} ms median of {} (best {:.3} ms); {:.2} GB/s, {:.3} TFLOP/s",
+        t * 1e3,
+        timing.samples.len(),
+        timing.min() * 1e3,
+        sparse::bytes(&p) / t / 1e9,
+        sparse::flops(&p) / t / 1e12
+    );
+
+    let mut failures = Vec::new();
+    let (out_tol, lse_tol) = check::tolerances(DType::Bf16, backend.name());
+    let reference = CpuBackend::with_options(CpuOptions { threads: Some(1), isa: None })?;
+    let want = exec::run_fp8(&reference, &p)?;
+    if backend.name() == "cpu" {
+        if got.bitwise_eq(&want) {
+            println!("check 1/2: bitwise identical to the CPU reference on 1 thread (deterministic)");
+        } else {
+            failures.push("differs from the 1-thread CPU run (not deterministic)".to_string());
+        }
+    } else {
+        let to64 = |v: &[f32]| v.iter().map(|&x| x as f64).collect::<Vec<_>>();
+        let o = check::compare("out", &to64(&got.out), &to64(&want.out), out_tol);
+        let l = check::compare("lse", &to64(&got.lse), &to64(&want.lse), lse_tol);
+        println!(
+            "check 1/2: vs the CPU reference: out max |err| {:.2e}, cos_diff {:.1e}; lse max |err| {:.2e}",
+            o.max_abs, o.cos_diff, l.max_abs
+        );
+        failures.extend(o.failure.into_iter().chain(l.failure));
+    }
+
+    let rows = check::sample_rows_of(p.batch, p.s_q, p.h_q, args.check_rows);
+    let (mut a_out, mut r_out, mut a_lse, mut r_lse) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    for &(i, t, h) in &rows {
+        let (o, l) = sparse::reference_row(&p, i, t, h)?;
+        let base = ((i * p.s_q + t) * p.h_q + h) * HEAD_DIM_V;
+        a_out.extend(got.out[base..base + HEAD_DIM_V].iter().map(|&x| x as f64));
+        r_out.extend(o);
+        a_lse.push(got.lse[(i * p.h_q + h) * p.s_q + t] as f64);
+        r_lse.push(l);
+    }
+    let o = check::compare("out", &a_out, &r_out, out_tol);
+    let l = check::compare("lse", &a_lse, &r_lse, lse_tol);
+    println!(
+        "check 2/2: {} sampled rows vs float64: out max |err| {:.2e}, cos_diff {:.1e}; lse max |err| {:.2e}",
+        rows.len(),
+        o.max_abs,
+        o.cos_diff,
+        l.max_abs
+    );
+    failures.extend(o.failure.into_iter().chain(l.failure));
+
+    if let Some(dir) = &args.save {
+        let opts = sparse::save(dir, &p, &got)?;
+        println!(
+            "saved to {}/; reproduce with: flashmla decode --fp8-cache {opts} --out out.npy --lse lse.npy",
+            dir.display()
+        );
     }
     if failures.is_empty() {
         println!("PASS");

@@ -19,6 +19,7 @@ mod bench;
 mod bench_hopper;
 mod check;
 mod decode;
+mod decode_fp8;
 mod demo;
 mod exec;
 #[cfg(feature = "cuda")]
@@ -28,6 +29,7 @@ mod npy;
 mod plan;
 mod plot;
 mod progress;
+mod sparse;
 
 use std::process::ExitCode;
 

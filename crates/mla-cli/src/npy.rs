@@ -159,6 +159,11 @@ pub fn write_i32(path: &Path, shape: &[usize], data: &[i32]) -> CliResult {
     write(path, shape, data)
 }
 
+/// Writes a uint8 array (an FP8 cache's bytes).
+pub fn write_u8(path: &Path, shape: &[usize], data: &[u8]) -> CliResult {
+    write(path, shape, data)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
