@@ -125,7 +125,9 @@ pub struct DecodeProblem {
     pub num_sm_parts: usize,
 }
 
-pub(crate) fn check_ndim(name: &str, t: &TensorDesc, n: usize, what: &str) -> Result<()> {
+/// `what` describes the expected shape for the message; it is formatted only on failure (a `format_args!`), since
+/// every decode call runs these checks.
+pub(crate) fn check_ndim(name: &str, t: &TensorDesc, n: usize, what: impl std::fmt::Display) -> Result<()> {
     if t.ndim() != n {
         return Err(Error::invalid(
             format!("{name}.ndim"),
@@ -260,7 +262,7 @@ pub(crate) fn check_disjoint(regions: &[Region]) -> Result<()> {
 }
 
 pub(crate) fn check_index_vector(name: &str, t: &TensorDesc, len: usize, device: Device) -> Result<()> {
-    check_ndim(name, t, 1, &format!("[{len}]"))?;
+    check_ndim(name, t, 1, format_args!("[{len}]"))?;
     check_dtype(name, t, ScalarType::I32)?;
     check_dim(name, t, 0, len)?;
     check_contiguous(name, t)?;
@@ -275,7 +277,7 @@ pub(crate) fn check_metadata_buffers(
     device: Device,
 ) -> Result<()> {
     let name = "tile_scheduler_metadata";
-    check_ndim(name, meta, 2, &format!("[{parts}, {METADATA_WORDS}]"))?;
+    check_ndim(name, meta, 2, format_args!("[{parts}, {METADATA_WORDS}]"))?;
     check_dtype(name, meta, ScalarType::I32)?;
     check_dim(name, meta, 0, parts)?;
     check_dim(name, meta, 1, METADATA_WORDS)?;

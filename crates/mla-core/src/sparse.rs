@@ -429,7 +429,7 @@ pub fn validate_cache(name: &str, t: &TensorDesc, device: Device) -> Result<(Fp8
 /// Validates a `[b, s_q, k]` index tensor; returns `k` (at least `min_k`).
 fn check_indices(name: &str, t: &TensorDesc, batch: usize, s_q: usize, min_k: usize, device: Device) -> Result<usize> {
     let k_name = if name == "indices" { "topk" } else { "extra_topk" };
-    check_ndim(name, t, 3, &format!("[b, s_q, {k_name}]"))?;
+    check_ndim(name, t, 3, format_args!("[b, s_q, {k_name}]"))?;
     check_dtype(name, t, ScalarType::I32)?;
     check_dim(name, t, 0, batch)?;
     check_dim(name, t, 1, s_q)?;
@@ -510,7 +510,7 @@ fn validate_fp8_args(args: &Fp8DecodeArgs, caps: &Capabilities) -> Result<Fp8Pro
                 check_index_vector("topk_length", t, batch, device)?;
             }
             if let Some(t) = &args.attn_sink {
-                check_ndim("attn_sink", t, 1, &format!("[{h_q}]"))?;
+                check_ndim("attn_sink", t, 1, format_args!("[{h_q}]"))?;
                 check_dtype("attn_sink", t, ScalarType::F32)?;
                 check_dim("attn_sink", t, 0, h_q)?;
                 if h_q > 1 && t.stride_slice()[0] != 1 {
