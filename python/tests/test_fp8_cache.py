@@ -239,3 +239,33 @@ def test_cuda_says_the_fp8_cache_kernel_is_missing(rng):
         flashmla.flash_mla_with_kvcache(
             qt, torch.from_numpy(cache).cuda(), None, None, D_V, sched, None, is_fp8_kvcache=True, indices=indices
         )
+
+
+def test_torch_op_and_torch_compile(rng):
+    """torch.ops.flashmla.flash_mla_with_fp8_kvcache: the plain function's results, fake tensors that agree
+    (opcheck), and a fullgraph torch.compile of a call."""
+    torch = pytest.importorskip("torch")
+    import flashmla.ops  # noqa: F401  (registers torch.ops.flashmla.*)
+
+    b, s_q, h_q, topk = 2, 1, 16, 24
+    q, cache, rows = make(rng, b=b, s_q=s_q, h_q=h_q)
+    indices = rng.integers(-1, rows.shape[0], size=(b, s_q, topk)).astype(np.int32)
+    qt = torch.from_numpy(q.view(np.int16)).view(torch.bfloat16)
+    kt, it = torch.from_numpy(cache), torch.from_numpy(indices)
+    sink = torch.from_numpy(rng.standard_normal(h_q).astype(np.float32))
+    sched, _ = flashmla.get_mla_metadata()
+    want = flashmla.flash_mla_with_kvcache(
+        qt, kt, None, None, D_V, sched, None, is_fp8_kvcache=True, indices=it, attn_sink=sink
+    )
+    op = torch.ops.flashmla.flash_mla_with_fp8_kvcache
+    got = op(qt, kt, None, None, D_V, indices=it, attn_sink=sink)
+    for g, w in zip(got, want):
+        assert torch.equal(g.view(torch.int16) if g.dtype == torch.bfloat16 else g,
+                           w.view(torch.int16) if w.dtype == torch.bfloat16 else w)
+    torch.library.opcheck(
+        op.default, (qt, kt, None, None, D_V), {"indices": it, "attn_sink": sink}, test_utils=("test_faketensor",)
+    )
+    step = torch.compile(lambda q, k, i: op(q, k, None, None, D_V, indices=i), fullgraph=True, backend="eager")
+    out, lse = step(qt, kt, it)
+    ref_out, ref_lse = reference(q, lambda i, t: rows[indices[i, t][indices[i, t] >= 0]])
+    check(out.view(torch.int16).numpy().view(ml_dtypes.bfloat16), lse.numpy(), ref_out, ref_lse)
