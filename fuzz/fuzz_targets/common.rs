@@ -91,3 +91,27 @@ pub fn inside_arena(elem: usize, shape: &[i64], strides: &[i64]) -> bool {
     }
     (last + 1) * elem as i128 <= ARENA_BYTES as i128
 }
+
+/// A descriptor of any of `dtypes` into arena `slot` (arbitrary rank, shape, strides, sometimes a CUDA device), and
+/// whether its bytes stay inside the arena.
+pub fn desc<'a>(
+    r: &mut Reader,
+    arenas: &mut Arenas,
+    slot: usize,
+    dtypes: &[mla_core::ScalarType],
+) -> (mla_core::TensorDesc<'a>, bool) {
+    use mla_core::Device;
+    let ndim = (r.u8() % 5) as usize;
+    let dtype = dtypes[r.u8() as usize % dtypes.len()];
+    let shape: Vec<i64> = (0..ndim).map(|_| r.int()).collect();
+    let strides: Vec<i64> = match r.u8() % 2 {
+        0 => mla_core::tensor::contiguous_strides(&shape)[..ndim].to_vec(),
+        _ => (0..ndim).map(|_| r.int()).collect(),
+    };
+    let device = if r.u8() % 8 == 0 { Device::Cuda(0) } else { Device::Host };
+    let inside = device == Device::Host && inside_arena(dtype.size_bytes(), &shape, &strides);
+    // SAFETY: the descriptor is dereferenced only when `inside` holds (its bytes lie in the arena, which outlives
+    // every call of the target); otherwise it only reaches validation, which inspects it.
+    let d = unsafe { mla_core::TensorDesc::from_raw(arenas.base(slot).cast(), dtype, &shape, &strides, device) };
+    (d.expect("at most 4 dims, one stride each"), inside)
+}

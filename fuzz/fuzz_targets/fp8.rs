@@ -11,7 +11,7 @@ mod common;
 
 use std::sync::OnceLock;
 
-use common::{Arenas, Reader, inside_arena};
+use common::{Arenas, Reader};
 use libfuzzer_sys::fuzz_target;
 use mla_core::sparse::{Fp8DecodeArgs, Fp8Shape, validate_fp8_decode};
 use mla_core::{Device, Fp8Layout, MlaBackend, ScalarType, Stream, TensorDesc, Workspace};
@@ -26,23 +26,6 @@ const D_V: i64 = 512;
 fn backend() -> &'static mla_cpu::CpuBackend {
     static CPU: OnceLock<mla_cpu::CpuBackend> = OnceLock::new();
     CPU.get_or_init(|| mla_cpu::CpuBackend::with_threads(1).expect("one thread"))
-}
-
-/// A descriptor into arena `slot`, and whether it stays inside the arena.
-fn desc<'a>(r: &mut Reader, arenas: &mut Arenas, slot: usize) -> (TensorDesc<'a>, bool) {
-    let ndim = (r.u8() % 5) as usize;
-    let dtype = DTYPES[r.u8() as usize % DTYPES.len()];
-    let shape: Vec<i64> = (0..ndim).map(|_| r.int()).collect();
-    let strides: Vec<i64> = match r.u8() % 2 {
-        0 => mla_core::tensor::contiguous_strides(&shape)[..ndim].to_vec(),
-        _ => (0..ndim).map(|_| r.int()).collect(),
-    };
-    let device = if r.u8() % 8 == 0 { Device::Cuda(0) } else { Device::Host };
-    let inside = device == Device::Host && inside_arena(dtype.size_bytes(), &shape, &strides);
-    // SAFETY: the descriptor is dereferenced only when `inside` holds (its bytes lie in the arena, which outlives
-    // every call below); otherwise it only reaches validation, which inspects it.
-    let d = unsafe { TensorDesc::from_raw(arenas.base(slot).cast(), dtype, &shape, &strides, device) };
-    (d.expect("at most 4 dims, one stride each"), inside)
 }
 
 /// A valid small problem, then arbitrary index values and cache bytes.
@@ -125,7 +108,7 @@ fuzz_target!(|data: &[u8]| {
         if optional && r.u8() % 2 == 0 {
             return None;
         }
-        let (d, inside) = desc(r, &mut arenas, slot);
+        let (d, inside) = common::desc(r, &mut arenas, slot, &DTYPES);
         all_inside &= inside;
         Some(d)
     };

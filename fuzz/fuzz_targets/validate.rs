@@ -9,7 +9,7 @@ mod common;
 
 use std::sync::OnceLock;
 
-use common::{Arenas, Reader, inside_arena};
+use common::{Arenas, Reader};
 use libfuzzer_sys::fuzz_target;
 use mla_core::{
     DecodeArgs, Device, HEAD_DIM_V, MetadataArgs, MlaBackend, ScalarType, Stream, TensorDesc, Workspace,
@@ -21,23 +21,6 @@ const DTYPES: [ScalarType; 5] = [ScalarType::Bf16, ScalarType::F16, ScalarType::
 fn backend() -> &'static mla_cpu::CpuBackend {
     static CPU: OnceLock<mla_cpu::CpuBackend> = OnceLock::new();
     CPU.get_or_init(|| mla_cpu::CpuBackend::with_threads(1).expect("one thread"))
-}
-
-/// A descriptor into arena `slot`, and whether it stays inside the arena.
-fn desc<'a>(r: &mut Reader, arenas: &mut Arenas, slot: usize) -> (TensorDesc<'a>, bool) {
-    let ndim = (r.u8() % 5) as usize;
-    let dtype = DTYPES[r.u8() as usize % DTYPES.len()];
-    let shape: Vec<i64> = (0..ndim).map(|_| r.int()).collect();
-    let strides: Vec<i64> = match r.u8() % 2 {
-        0 => mla_core::tensor::contiguous_strides(&shape)[..ndim].to_vec(),
-        _ => (0..ndim).map(|_| r.int()).collect(),
-    };
-    let device = if r.u8() % 8 == 0 { Device::Cuda(0) } else { Device::Host };
-    let inside = device == Device::Host && inside_arena(dtype.size_bytes(), &shape, &strides);
-    // SAFETY: the descriptor is dereferenced only when `inside` holds (its bytes lie in the arena, which outlives
-    // every call below); otherwise it only reaches validation, which inspects it.
-    let d = unsafe { TensorDesc::from_raw(arenas.base(slot).cast(), dtype, &shape, &strides, device) };
-    (d.expect("at most 4 dims, one stride each"), inside)
 }
 
 /// A consistent small problem (the `template` half of the inputs): shapes that pass validation, lengths and page
@@ -117,9 +100,9 @@ fuzz_target!(|data: &[u8]| {
     let be = backend();
     let caps = be.capabilities();
 
-    let (seqlens, a) = desc(&mut r, &mut arenas, 3);
-    let (meta, b) = desc(&mut r, &mut arenas, 4);
-    let (splits, c) = desc(&mut r, &mut arenas, 5);
+    let (seqlens, a) = common::desc(&mut r, &mut arenas, 3, &DTYPES);
+    let (meta, b) = common::desc(&mut r, &mut arenas, 4, &DTYPES);
+    let (splits, c) = common::desc(&mut r, &mut arenas, 5, &DTYPES);
     let margs = MetadataArgs {
         cache_seqlens: seqlens,
         q_seq_per_hk: r.int() as usize,
@@ -134,7 +117,7 @@ fuzz_target!(|data: &[u8]| {
 
     let mut all_inside = true;
     let mut next = |slot: usize, r: &mut Reader| {
-        let (d, inside) = desc(r, &mut arenas, slot);
+        let (d, inside) = common::desc(r, &mut arenas, slot, &DTYPES);
         all_inside &= inside;
         d
     };

@@ -135,6 +135,63 @@ pub fn describe_dtype(d: DType) -> &'static str {
     }
 }
 
+/// Check 1/2 of a demo: the backend's `(out, lse)` against the 1-thread CPU run of the same problem, bitwise on the
+/// CPU backend (`bitwise` says whether they are identical), within `tols` elsewhere. Prints its line and returns
+/// the failures.
+pub fn against_cpu_run(
+    backend: &str,
+    bitwise: bool,
+    got: (&[f32], &[f32]),
+    want: (&[f32], &[f32]),
+    tols: (Tol, Tol),
+) -> Vec<String> {
+    if backend == "cpu" {
+        if bitwise {
+            println!("check 1/2: bitwise identical to the CPU reference on 1 thread (deterministic)");
+            return Vec::new();
+        }
+        return vec!["differs from the 1-thread CPU run (not deterministic)".to_string()];
+    }
+    let to64 = |v: &[f32]| v.iter().map(|&x| x as f64).collect::<Vec<_>>();
+    let o = compare("out", &to64(got.0), &to64(want.0), tols.0);
+    let l = compare("lse", &to64(got.1), &to64(want.1), tols.1);
+    println!(
+        "check 1/2: vs the CPU reference: out max |err| {:.2e}, cos_diff {:.1e}; lse max |err| {:.2e}",
+        o.max_abs, o.cos_diff, l.max_abs
+    );
+    o.failure.into_iter().chain(l.failure).collect()
+}
+
+/// Check 2/2 of a demo: `rows` (request, token, head) of `(out, lse)` (shapes `[b, s_q, h_q, 512]`, `[b, h_q, s_q]`)
+/// against `reference_row`, float64 from the definition. Prints its line and returns the failures.
+pub fn sampled_rows<E>(
+    rows: &[(usize, usize, usize)],
+    (s_q, h_q): (usize, usize),
+    (out, lse): (&[f32], &[f32]),
+    tols: (Tol, Tol),
+    mut reference_row: impl FnMut(usize, usize, usize) -> Result<(Vec<f64>, f64), E>,
+) -> Result<Vec<String>, E> {
+    let (mut a_out, mut r_out, mut a_lse, mut r_lse) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    for &(i, t, h) in rows {
+        let (o, l) = reference_row(i, t, h)?;
+        let base = ((i * s_q + t) * h_q + h) * HEAD_DIM_V;
+        a_out.extend(out[base..base + HEAD_DIM_V].iter().map(|&x| x as f64));
+        r_out.extend(o);
+        a_lse.push(lse[(i * h_q + h) * s_q + t] as f64);
+        r_lse.push(l);
+    }
+    let o = compare("out", &a_out, &r_out, tols.0);
+    let l = compare("lse", &a_lse, &r_lse, tols.1);
+    println!(
+        "check 2/2: {} sampled rows vs float64: out max |err| {:.2e}, cos_diff {:.1e}; lse max |err| {:.2e}",
+        rows.len(),
+        o.max_abs,
+        o.cos_diff,
+        l.max_abs
+    );
+    Ok(o.failure.into_iter().chain(l.failure).collect())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

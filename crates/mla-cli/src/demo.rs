@@ -91,49 +91,26 @@ pub fn run(args: &DemoArgs) -> CliResult {
         p.flops() / t / 1e12
     );
 
-    let mut failures = Vec::new();
-    let (out_tol, lse_tol) = check::tolerances(dtype, backend.name());
+    let tols = check::tolerances(dtype, backend.name());
     // 1. Against the CPU reference backend on one thread.
     let reference = CpuBackend::with_options(CpuOptions { threads: Some(1), isa: None })?;
     let want = exec::run_decode(&reference, &p)?;
-    if backend.name() == "cpu" {
-        if got.bitwise_eq(&want) {
-            println!("check 1/2: bitwise identical to the CPU reference on 1 thread (deterministic)");
-        } else {
-            failures.push("differs from the 1-thread CPU run (not deterministic)".to_string());
-        }
-    } else {
-        let to64 = |v: &[f32]| v.iter().map(|&x| x as f64).collect::<Vec<_>>();
-        let o = check::compare("out", &to64(&got.out), &to64(&want.out), out_tol);
-        let l = check::compare("lse", &to64(&got.lse), &to64(&want.lse), lse_tol);
-        println!(
-            "check 1/2: vs the CPU reference: out max |err| {:.2e}, cos_diff {:.1e}; lse max |err| {:.2e}",
-            o.max_abs, o.cos_diff, l.max_abs
-        );
-        failures.extend(o.failure.into_iter().chain(l.failure));
-    }
+    let mut failures = check::against_cpu_run(
+        backend.name(),
+        got.bitwise_eq(&want),
+        (&got.out, &got.lse),
+        (&want.out, &want.lse),
+        tols,
+    );
 
     // 2. Sampled rows against float64 from the definition.
     let rows = check::sample_rows(&p, samples);
-    let (mut a_out, mut r_out, mut a_lse, mut r_lse) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
-    for &(i, t, h) in &rows {
-        let (o, l) = check::reference_row(&p, i, t, h);
-        let base = ((i * p.s_q + t) * p.h_q + h) * HEAD_DIM_V;
-        a_out.extend(got.out[base..base + HEAD_DIM_V].iter().map(|&x| x as f64));
-        r_out.extend(o);
-        a_lse.push(got.lse[(i * p.h_q + h) * p.s_q + t] as f64);
-        r_lse.push(l);
-    }
-    let o = check::compare("out", &a_out, &r_out, out_tol);
-    let l = check::compare("lse", &a_lse, &r_lse, lse_tol);
-    println!(
-        "check 2/2: {} sampled rows vs float64: out max |err| {:.2e}, cos_diff {:.1e}; lse max |err| {:.2e}",
-        rows.len(),
-        o.max_abs,
-        o.cos_diff,
-        l.max_abs
+    failures.extend(
+        check::sampled_rows(&rows, (p.s_q, p.h_q), (&got.out, &got.lse), tols, |i, t, h| {
+            Ok::<_, std::convert::Infallible>(check::reference_row(&p, i, t, h))
+        })
+        .unwrap_or_else(|never| match never {}),
     );
-    failures.extend(o.failure.into_iter().chain(l.failure));
 
     if let Some(dir) = &args.save {
         save_problem(dir, &p, &got)?;
@@ -221,47 +198,21 @@ fn run_sparse(args: &DemoArgs) -> CliResult {
         sparse::flops(&p) / t / 1e12
     );
 
-    let mut failures = Vec::new();
-    let (out_tol, lse_tol) = check::tolerances(DType::Bf16, backend.name());
+    let tols = check::tolerances(DType::Bf16, backend.name());
     let reference = CpuBackend::with_options(CpuOptions { threads: Some(1), isa: None })?;
     let want = exec::run_fp8(&reference, &p)?;
-    if backend.name() == "cpu" {
-        if got.bitwise_eq(&want) {
-            println!("check 1/2: bitwise identical to the CPU reference on 1 thread (deterministic)");
-        } else {
-            failures.push("differs from the 1-thread CPU run (not deterministic)".to_string());
-        }
-    } else {
-        let to64 = |v: &[f32]| v.iter().map(|&x| x as f64).collect::<Vec<_>>();
-        let o = check::compare("out", &to64(&got.out), &to64(&want.out), out_tol);
-        let l = check::compare("lse", &to64(&got.lse), &to64(&want.lse), lse_tol);
-        println!(
-            "check 1/2: vs the CPU reference: out max |err| {:.2e}, cos_diff {:.1e}; lse max |err| {:.2e}",
-            o.max_abs, o.cos_diff, l.max_abs
-        );
-        failures.extend(o.failure.into_iter().chain(l.failure));
-    }
+    let mut failures = check::against_cpu_run(
+        backend.name(),
+        got.bitwise_eq(&want),
+        (&got.out, &got.lse),
+        (&want.out, &want.lse),
+        tols,
+    );
 
     let rows = check::sample_rows_of(p.batch, p.s_q, p.h_q, args.check_rows);
-    let (mut a_out, mut r_out, mut a_lse, mut r_lse) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
-    for &(i, t, h) in &rows {
-        let (o, l) = sparse::reference_row(&p, i, t, h)?;
-        let base = ((i * p.s_q + t) * p.h_q + h) * HEAD_DIM_V;
-        a_out.extend(got.out[base..base + HEAD_DIM_V].iter().map(|&x| x as f64));
-        r_out.extend(o);
-        a_lse.push(got.lse[(i * p.h_q + h) * p.s_q + t] as f64);
-        r_lse.push(l);
-    }
-    let o = check::compare("out", &a_out, &r_out, out_tol);
-    let l = check::compare("lse", &a_lse, &r_lse, lse_tol);
-    println!(
-        "check 2/2: {} sampled rows vs float64: out max |err| {:.2e}, cos_diff {:.1e}; lse max |err| {:.2e}",
-        rows.len(),
-        o.max_abs,
-        o.cos_diff,
-        l.max_abs
-    );
-    failures.extend(o.failure.into_iter().chain(l.failure));
+    failures.extend(check::sampled_rows(&rows, (p.s_q, p.h_q), (&got.out, &got.lse), tols, |i, t, h| {
+        sparse::reference_row(&p, i, t, h)
+    })?);
 
     if let Some(dir) = &args.save {
         let opts = sparse::save(dir, &p, &got)?;

@@ -499,15 +499,16 @@ pub fn describe<'py>(
     Err(invalid(py, func, name, "a torch.Tensor, a numpy.ndarray or a DLPack tensor", type_name(obj)))
 }
 
-/// Describes an optional tensor argument (`None` → absent).
+/// Describes an optional tensor argument (`None` → absent); `hint` as for [`describe`].
 pub fn describe_opt<'py>(
     py: Python<'py>,
     func: &str,
     name: &str,
     obj: Option<&Bound<'py, PyAny>>,
+    hint: Option<ScalarType>,
 ) -> PyResult<Option<Arg<'py>>> {
     match obj {
-        Some(o) if !o.is_none() => describe(py, func, name, o, None).map(Some),
+        Some(o) if !o.is_none() => describe(py, func, name, o, hint).map(Some),
         _ => Ok(None),
     }
 }

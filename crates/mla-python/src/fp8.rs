@@ -10,7 +10,7 @@ use flashmla::{ScalarType, TensorDesc, Workspace};
 use pyo3::prelude::*;
 
 use crate::alloc::Allocator;
-use crate::args::{Arg, Repr, describe};
+use crate::args::{Arg, Repr, describe, describe_opt};
 use crate::errors::{OrRaise, invalid};
 use crate::{FUNC_DECODE as FUNC, METADATA_WORDS, Schedule, ScheduleConfig, backend_for};
 
@@ -38,19 +38,6 @@ impl SparseArgs<'_, '_> {
         .into_iter()
         .find(|(_, v)| v.is_some_and(|v| !v.is_none()))
         .map(|(name, _)| name)
-    }
-}
-
-/// `obj` described with an element-type hint, or None for a missing or None argument.
-fn optional<'py>(
-    py: Python<'py>,
-    name: &str,
-    obj: Option<&Bound<'py, PyAny>>,
-    hint: Option<ScalarType>,
-) -> PyResult<Option<Arg<'py>>> {
-    match obj {
-        Some(o) if !o.is_none() => describe(py, FUNC, name, o, hint).map(Some),
-        _ => Ok(None),
     }
 }
 
@@ -101,14 +88,14 @@ pub fn decode<'py>(
     // q is bf16 (raw uint16 bits allowed for NumPy); the caches are bytes: uint8/int8 or float8_e4m3fn.
     let qa = describe(py, FUNC, "q", q, q_hint.or(Some(ScalarType::Bf16)))?;
     let ka = describe(py, FUNC, "k_cache", k_cache, Some(ScalarType::E4M3))?;
-    let bt = optional(py, "block_table", Some(block_table), None)?;
-    let sl = optional(py, "cache_seqlens", Some(cache_seqlens), None)?;
-    let indices = optional(py, "indices", sparse.indices, None)?;
-    let sink = optional(py, "attn_sink", sparse.attn_sink, None)?;
-    let extra_k = optional(py, "extra_k_cache", sparse.extra_k_cache, Some(ScalarType::E4M3))?;
-    let extra_idx = optional(py, "extra_indices_in_kvcache", sparse.extra_indices_in_kvcache, None)?;
-    let topk_len = optional(py, "topk_length", sparse.topk_length, None)?;
-    let extra_len = optional(py, "extra_topk_length", sparse.extra_topk_length, None)?;
+    let bt = describe_opt(py, FUNC, "block_table", Some(block_table), None)?;
+    let sl = describe_opt(py, FUNC, "cache_seqlens", Some(cache_seqlens), None)?;
+    let indices = describe_opt(py, FUNC, "indices", sparse.indices, None)?;
+    let sink = describe_opt(py, FUNC, "attn_sink", sparse.attn_sink, None)?;
+    let extra_k = describe_opt(py, FUNC, "extra_k_cache", sparse.extra_k_cache, Some(ScalarType::E4M3))?;
+    let extra_idx = describe_opt(py, FUNC, "extra_indices_in_kvcache", sparse.extra_indices_in_kvcache, None)?;
+    let topk_len = describe_opt(py, FUNC, "topk_length", sparse.topk_length, None)?;
+    let extra_len = describe_opt(py, FUNC, "extra_topk_length", sparse.extra_topk_length, None)?;
 
     // Output shapes come from q; a q the library will reject gets empty outputs, so that its message reaches the caller.
     let (b, s_q, h_q) = match qa.dims() {

@@ -411,8 +411,8 @@ fn flash_mla_with_kvcache<'py>(
     let ka = describe(py, FUNC, "k_cache", k_cache, hint)?;
     let bt = describe(py, FUNC, "block_table", block_table, None)?;
     let sl = describe(py, FUNC, "cache_seqlens", cache_seqlens, None)?;
-    let dq = describe_opt(py, FUNC, "descale_q", descale_q)?;
-    let dk = describe_opt(py, FUNC, "descale_k", descale_k)?;
+    let dq = describe_opt(py, FUNC, "descale_q", descale_q, None)?;
+    let dk = describe_opt(py, FUNC, "descale_k", descale_k, None)?;
 
     // Output shapes come from q; a q the library will reject gets empty outputs, so that the library's own message
     // (which checks q before out) reaches the caller.
