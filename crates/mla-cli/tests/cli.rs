@@ -1,65 +1,20 @@
 //! The `flashmla` binary end to end: `decode` through `.npy` files on cases whose answers are known exactly, the
 //! `demo --save` → `decode` round trip, `bench --json`, and the error messages for malformed inputs.
 
+mod common;
+
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Command;
+
+use common::*;
+
+/// This file's scratch directories.
+fn tmpdir(name: &str) -> PathBuf {
+    common::tmpdir("cli", name)
+}
 
 const D: usize = 576;
 const DV: usize = 512;
-
-fn bin() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_flashmla"))
-}
-
-fn tmpdir(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("flashmla-cli-{}-{name}", std::process::id()));
-    std::fs::create_dir_all(&d).unwrap();
-    d
-}
-
-/// A minimal `.npy` v1 writer (independent of the binary's).
-fn write_npy(path: &Path, descr: &str, shape: &[usize], payload: &[u8]) {
-    let dims: Vec<String> = shape.iter().map(|d| d.to_string()).collect();
-    let shape_txt = if shape.len() == 1 { format!("({},)", dims[0]) } else { format!("({})", dims.join(", ")) };
-    let mut h = format!("{{'descr': '{descr}', 'fortran_order': False, 'shape': {shape_txt}, }}");
-    while (10 + h.len() + 1) % 16 != 0 {
-        h.push(' ');
-    }
-    h.push('\n');
-    let mut out = b"\x93NUMPY\x01\x00".to_vec();
-    out.extend_from_slice(&(h.len() as u16).to_le_bytes());
-    out.extend_from_slice(h.as_bytes());
-    out.extend_from_slice(payload);
-    std::fs::write(path, out).unwrap();
-}
-
-fn write_f32(path: &Path, shape: &[usize], v: &[f32]) {
-    write_npy(path, "<f4", shape, &v.iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<_>>());
-}
-
-fn write_i32(path: &Path, shape: &[usize], v: &[i32]) {
-    write_npy(path, "<i4", shape, &v.iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<_>>());
-}
-
-/// Reads a float32 `.npy` written by the binary: (shape, data).
-fn read_f32(path: &Path) -> (Vec<usize>, Vec<f32>) {
-    let b = std::fs::read(path).unwrap();
-    let hlen = u16::from_le_bytes([b[8], b[9]]) as usize;
-    let h = std::str::from_utf8(&b[10..10 + hlen]).unwrap();
-    assert!(h.contains("'<f4'"), "{h}");
-    let inner = h.split("'shape': (").nth(1).unwrap().split(')').next().unwrap();
-    let shape = inner.split(',').map(str::trim).filter(|s| !s.is_empty()).map(|s| s.parse().unwrap()).collect();
-    let data = b[10 + hlen..].chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect();
-    (shape, data)
-}
-
-fn run(cmd: &mut Command) -> Output {
-    cmd.output().expect("the binary runs")
-}
-
-fn stderr(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stderr).into_owned()
-}
 
 /// Files of a decode problem with b = 3 (lengths 2, 0, 1), s_q = 1, h_q = 2, h_kv = 1, page size 1:
 /// q = 0 so every score is 0, making each output the plain average of the visible V rows.

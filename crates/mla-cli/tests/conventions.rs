@@ -1,47 +1,21 @@
 //! The conventions of a command-line tool, through the built binary: help for every command, `--version`,
 //! suggestions for typos; `.npy` files as NumPy and ml_dtypes write them; progress on stderr; `--plot`.
 
+mod common;
+
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Output;
+
+use common::*;
+
+/// This file's scratch directories.
+fn tmpdir(name: &str) -> PathBuf {
+    common::tmpdir("conv", name)
+}
 
 const COMMANDS: [&str; 5] = ["info", "plan", "decode", "demo", "bench"];
 const D: usize = 576;
 const DV: usize = 512;
-
-fn flashmla(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_flashmla")).args(args).output().expect("the binary runs")
-}
-
-fn text(b: &[u8]) -> String {
-    String::from_utf8_lossy(b).into_owned()
-}
-
-fn tmpdir(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("flashmla-conv-{}-{name}", std::process::id()));
-    std::fs::create_dir_all(&d).unwrap();
-    d
-}
-
-/// A `.npy` v1 file as NumPy writes it; `descr` is NumPy's type string (`'<V2'` is what `np.save` writes for an
-/// ml_dtypes.bfloat16 array).
-fn write_npy(path: &Path, descr: &str, shape: &[usize], payload: &[u8]) {
-    let dims: Vec<String> = shape.iter().map(|d| d.to_string()).collect();
-    let shape_txt = if shape.len() == 1 { format!("({},)", dims[0]) } else { format!("({})", dims.join(", ")) };
-    let mut h = format!("{{'descr': '{descr}', 'fortran_order': False, 'shape': {shape_txt}, }}");
-    while (10 + h.len() + 1) % 64 != 0 {
-        h.push(' ');
-    }
-    h.push('\n');
-    let mut out = b"\x93NUMPY\x01\x00".to_vec();
-    out.extend_from_slice(&(h.len() as u16).to_le_bytes());
-    out.extend_from_slice(h.as_bytes());
-    out.extend_from_slice(payload);
-    std::fs::write(path, out).unwrap();
-}
-
-fn bytes<T: Copy, const N: usize>(v: &[T], f: impl Fn(T) -> [u8; N]) -> Vec<u8> {
-    v.iter().flat_map(|&x| f(x)).collect()
-}
 
 #[test]
 fn every_command_has_help_and_the_tool_a_version() {
@@ -101,8 +75,8 @@ fn typos_get_a_one_line_suggestion() {
 fn decode_numpy_files(dir: &Path, dtype: &str, q: (&str, Vec<u8>), kv: (&str, Vec<u8>)) -> Output {
     write_npy(&dir.join("q.npy"), q.0, &[2, 1, 1, D], &q.1);
     write_npy(&dir.join("kv.npy"), kv.0, &[3, 1, 1, D], &kv.1);
-    write_npy(&dir.join("bt.npy"), "<i8", &[2, 2], &bytes(&[0i64, 2, 1, -1], i64::to_le_bytes));
-    write_npy(&dir.join("sl.npy"), "<i8", &[2], &bytes(&[2i64, 1], i64::to_le_bytes));
+    write_npy(&dir.join("bt.npy"), "<i8", &[2, 2], &bytes_of(&[0i64, 2, 1, -1], i64::to_le_bytes));
+    write_npy(&dir.join("sl.npy"), "<i8", &[2], &bytes_of(&[2i64, 1], i64::to_le_bytes));
     let p = |f: &str| dir.join(f).to_str().unwrap().to_string();
     let args = ["decode", "--backend", "cpu", "--dtype", dtype, "--q", &p("q.npy"), "--kv-cache", &p("kv.npy")];
     let rest = ["--block-table", &p("bt.npy"), "--seqlens", &p("sl.npy"), "--out", &p("o.npy"), "--lse", &p("l.npy")];
@@ -131,8 +105,8 @@ fn numpy_and_ml_dtypes_arrays_are_read() {
     let o = decode_numpy_files(
         &dir,
         "bf16",
-        ("<V2", bytes(&q_bits, u16::to_le_bytes)),
-        ("<V2", bytes(&kv_bits, u16::to_le_bytes)),
+        ("<V2", bytes_of(&q_bits, u16::to_le_bytes)),
+        ("<V2", bytes_of(&kv_bits, u16::to_le_bytes)),
     );
     assert!(o.status.success(), "{}", text(&o.stderr));
     assert_eq!(first_columns(&dir.join("o.npy")), vec![2.0, 2.0]);
@@ -142,8 +116,8 @@ fn numpy_and_ml_dtypes_arrays_are_read() {
     let o = decode_numpy_files(
         &dir,
         "fp16",
-        ("<f2", bytes(&q16, u16::to_le_bytes)),
-        ("<f8", bytes(&kv64, f64::to_le_bytes)),
+        ("<f2", bytes_of(&q16, u16::to_le_bytes)),
+        ("<f8", bytes_of(&kv64, f64::to_le_bytes)),
     );
     assert!(o.status.success(), "{}", text(&o.stderr));
     assert_eq!(first_columns(&dir.join("o.npy")), vec![2.0, 2.0]);
@@ -151,18 +125,18 @@ fn numpy_and_ml_dtypes_arrays_are_read() {
     let o = decode_numpy_files(
         &dir,
         "e4m3",
-        ("<V2", bytes(&q_bits, u16::to_le_bytes)),
-        ("<V2", bytes(&kv_bits, u16::to_le_bytes)),
+        ("<V2", bytes_of(&q_bits, u16::to_le_bytes)),
+        ("<V2", bytes_of(&kv_bits, u16::to_le_bytes)),
     );
     let err = text(&o.stderr);
     assert!(o.status.code() == Some(2) && err.contains("q.npy") && err.contains("--dtype is e4m3"), "{err}");
     // An int64 index outside int32's range: the file and the value are named.
-    write_npy(&dir.join("big.npy"), "<i8", &[2], &bytes(&[1i64, 1 << 40], i64::to_le_bytes));
+    write_npy(&dir.join("big.npy"), "<i8", &[2], &bytes_of(&[1i64, 1 << 40], i64::to_le_bytes));
     let o = flashmla(&["plan", "--seqlens-file", dir.join("big.npy").to_str().unwrap()]);
     let err = text(&o.stderr);
     assert!(err.contains("big.npy") && err.contains("1099511627776") && err.lines().count() == 1, "{err}");
     // int64 lengths, as np.array([100, 200]) saves them.
-    write_npy(&dir.join("sl.npy"), "<i8", &[2], &bytes(&[100i64, 200], i64::to_le_bytes));
+    write_npy(&dir.join("sl.npy"), "<i8", &[2], &bytes_of(&[100i64, 200], i64::to_le_bytes));
     let o = flashmla(&["plan", "--seqlens-file", dir.join("sl.npy").to_str().unwrap(), "--json"]);
     assert!(o.status.success(), "{}", text(&o.stderr));
     std::fs::remove_dir_all(&dir).ok();

@@ -2,53 +2,24 @@
 //! written by hand, answers known) and on random problems against the CPU library called directly, `demo --mode
 //! sparse` with its `--save` → `decode` round trip, `bench --grid sparse`, and one-line errors naming the option.
 
+mod common;
+
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Command;
+
+use common::*;
 
 use mla_core::dtype::bf16_to_f32;
 use mla_core::{Fp8Cache, Fp8Layout};
 use mla_cpu::CpuBackend;
 use mla_cpu::fp8problem::{ExtraSpec, Fp8HostMode, Fp8HostProblem, Fp8HostRun, Fp8RandomSpec, SparseSpec};
 
-const DV: usize = 512;
-
-fn bin() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_flashmla"))
-}
-
+/// This file's scratch directories.
 fn tmpdir(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("flashmla-fp8-{}-{name}", std::process::id()));
-    std::fs::create_dir_all(&d).unwrap();
-    d
+    common::tmpdir("fp8", name)
 }
 
-/// A minimal `.npy` v1 writer (independent of the binary's).
-fn write_npy(path: &Path, descr: &str, shape: &[usize], payload: &[u8]) {
-    let dims: Vec<String> = shape.iter().map(|d| d.to_string()).collect();
-    let shape_txt = if shape.len() == 1 { format!("({},)", dims[0]) } else { format!("({})", dims.join(", ")) };
-    let mut h = format!("{{'descr': '{descr}', 'fortran_order': False, 'shape': {shape_txt}, }}");
-    while (10 + h.len() + 1) % 64 != 0 {
-        h.push(' ');
-    }
-    h.push('\n');
-    let mut out = b"\x93NUMPY\x01\x00".to_vec();
-    out.extend_from_slice(&(h.len() as u16).to_le_bytes());
-    out.extend_from_slice(h.as_bytes());
-    out.extend_from_slice(payload);
-    std::fs::write(path, out).unwrap();
-}
-
-fn bytes_of<T: Copy, const N: usize>(v: &[T], f: impl Fn(T) -> [u8; N]) -> Vec<u8> {
-    v.iter().flat_map(|&x| f(x)).collect()
-}
-
-fn write_f32(path: &Path, shape: &[usize], v: &[f32]) {
-    write_npy(path, "<f4", shape, &bytes_of(v, f32::to_le_bytes));
-}
-
-fn write_i32(path: &Path, shape: &[usize], v: &[i32]) {
-    write_npy(path, "<i4", shape, &bytes_of(v, i32::to_le_bytes));
-}
+const DV: usize = 512;
 
 fn write_i64(path: &Path, shape: &[usize], v: &[i64]) {
     write_npy(path, "<i8", shape, &bytes_of(v, i64::to_le_bytes));
@@ -60,30 +31,6 @@ fn write_cache(path: &Path, c: &Fp8Cache) {
     let len = c.page_size * c.layout.bytes_per_token();
     let packed: Vec<u8> = c.bytes.chunks(c.block_stride).flat_map(|b| &b[..len]).copied().collect();
     write_npy(path, "|u1", &c.shape(), &packed);
-}
-
-/// Reads a float32 `.npy` written by the binary: (shape, data).
-fn read_f32(path: &Path) -> (Vec<usize>, Vec<f32>) {
-    let b = std::fs::read(path).unwrap();
-    let hlen = u16::from_le_bytes([b[8], b[9]]) as usize;
-    let h = std::str::from_utf8(&b[10..10 + hlen]).unwrap();
-    assert!(h.contains("'<f4'"), "{h}");
-    let inner = h.split("'shape': (").nth(1).unwrap().split(')').next().unwrap();
-    let shape = inner.split(',').map(str::trim).filter(|s| !s.is_empty()).map(|s| s.parse().unwrap()).collect();
-    let data = b[10 + hlen..].chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect();
-    (shape, data)
-}
-
-fn run(cmd: &mut Command) -> Output {
-    cmd.output().expect("the binary runs")
-}
-
-fn stderr(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stderr).into_owned()
-}
-
-fn stdout(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stdout).into_owned()
 }
 
 /// The worked example of docs/sparse-fp8.md: a V3.2 cache of 2 pages of 2 tokens, token `n`'s NoPE columns all
