@@ -13,6 +13,13 @@
 # (e.g. BENCH_ARGS="--dtype e4m3 --sk 4096"; `flashmla help` lists them). The python step needs the wheel in
 # gpu-bin/python (scripts/build-wheel.sh gpu-bin/python).
 #
+# Against upstream (steps `host`, `interleaved`, `ncu-py`; not in the default list), after the python step or
+# ../shared/upstream's side-by-side.sh installed the wheel in /tmp/fm/site-packages and built upstream in $UPSTREAM
+# (default /tmp/up/fm9): python/benchmarks/host_cost.py (where the host time of a call goes, both libraries),
+# python/benchmarks/interleaved.py (both kernels on the same tensors in one process, with the SM clock and power of
+# each timing window) and ncu's full set on both split kernels over those same tensors (NCU_PY_CASE, default
+# 128x4096x128x2).
+#
 # Kernel A/B (step `ab`, not in the default list): every $BIN/variants/NAME.cubin (split kernels compiled with other
 # compile-time switches, see docs/gpu.md) is loaded through FLASHMLA_HOPPER_SPLITKV_CUBIN in turn, AB_ROUNDS times
 # (default 2, interleaved, so the spread between rounds shows the noise): the E4M3 large-logit accuracy test, then
@@ -27,6 +34,7 @@ BIN="${GPU_BIN:-gpu-bin}"
 STEPS="${GPU_STEPS:-tests memcheck racecheck bench small cli python}"
 AB_ARGS="${AB_ARGS:---dtype bf16,e4m3 --sk 4096,16384 --h-q 16,128 --s-q 1,2 --varlen fixed}"
 AB_ROUNDS="${AB_ROUNDS:-2}"
+UPSTREAM="${UPSTREAM:-/tmp/up/fm9}"
 pack_logs() { (cd "$OUT" && tar czf logs.tgz logs && rm -rf logs); }
 trap pack_logs EXIT
 ROOT="$PWD"
@@ -61,6 +69,21 @@ for step in $STEPS; do
             "$BIN/flashmla" bench --backend hopper ${c#*|} --varlen fixed --iters 1 --sets 1 --no-ceilings \
             >>"$LOGS/ncu.log" 2>&1
         done ;;
+    host|interleaved|ncu-py) # Need the wheel in /tmp/fm/site-packages (the python step, or side-by-side.sh) and
+        # upstream built in $UPSTREAM (side-by-side.sh builds /tmp/up/fm9).
+        export PYTHONPATH=/tmp/fm/site-packages
+        case "$step" in
+          host) timeout 120 python3 python/benchmarks/host_cost.py --upstream "$UPSTREAM" >"$LOGS/host.log" 2>&1 ;;
+          interleaved) timeout 240 python3 python/benchmarks/interleaved.py --upstream "$UPSTREAM" \
+              >"$LOGS/interleaved.log" 2>&1 ;;
+          ncu-py) # Both libraries' split kernels on identical inputs (the second launch of each), clocks left alone.
+            for lib in upstream flashmla; do
+              echo "== ncu-py $lib ${NCU_PY_CASE:-128x4096x128x2}" >>"$LOGS/ncu-py.log"
+              timeout 150 ncu --clock-control none -k regex:splitkv --launch-skip 1 -c 1 --set full --import-source no \
+                python3 python/benchmarks/interleaved.py --upstream "$UPSTREAM" --once "$lib" \
+                --cases "${NCU_PY_CASE:-128x4096x128x2}" >>"$LOGS/ncu-py.log" 2>&1
+            done ;;
+        esac ;;
     ab) for round in $(seq 1 "$AB_ROUNDS"); do
           for cubin in "$BIN"/variants/*.cubin; do
             v=$(basename "$cubin" .cubin)
@@ -87,6 +110,9 @@ for step in $STEPS; do
     small) grep -vE "^\s*$" "$log" | tail -60 ;;
     cli) grep -E "^(==|time:|check|PASS|FAIL|cos|max|  |backend|error)" "$log" | head -60 ;;
     python) grep -E "passed|failed|error|SKIP|FAIL" "$log" | tail -15 ;;
+    host) cat "$log" ;;
+    interleaved) grep -vE "^\s*$" "$log" | tail -30 ;;
+    ncu-py) grep -E "^== ncu|^  [a-z_]+splitkv|Duration|SM Frequency|Compute \(SM\) Throughput|Memory Throughput|Executed Ipc A|Registers Per|Achieved Occupancy|Shared Memory Configuration Size|Issue Slots Busy|No Eligible|L1/TEX Hit|Max Bandwidth|Active Warps Per" "$log" | head -70 ;;
     ncu) grep -E "^== ncu|Throughput|Duration|Busy|Pipe|Hit Rate|Bandwidth|Executed Ipc|Issue Slots|Mem Busy" "$log" | head -60 ;;
     ab) grep -E "^== |^e4m3 amp|test result|copy ceiling" "$log" | head -60
         python3 - "$LOGS" "$BIN/anchors-h200.json" <<'PY'

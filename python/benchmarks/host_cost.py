@@ -63,6 +63,20 @@ def main():
         q.new_empty((ws_bytes,), dtype=torch.uint8)
 
     raw_stream = getattr(torch._C, "_cuda_getCurrentRawStream", None)
+    f32, u8 = torch.float32, torch.uint8
+    # One operation at a time (not added into the parts above): which of them dominate.
+    singles = [
+        ("    q.dtype", lambda: q.dtype),
+        ("    q.shape", lambda: q.shape),
+        ("    q.stride()", lambda: q.stride()),
+        ("    q.data_ptr()", lambda: q.data_ptr()),
+        ("    q.get_device()", lambda: q.get_device()),
+        ("    q.is_cuda", lambda: q.is_cuda),
+        ("    q.new_empty(shape)", lambda: q.new_empty((b, s_q, h_q, dv))),
+        ("    q.new_empty(shape, dtype=float32)", lambda: q.new_empty((b, h_q, s_q), dtype=f32)),
+        ("    q.new_empty((1 MiB,), dtype=uint8)", lambda: q.new_empty((ws_bytes,), dtype=u8)),
+        ("    torch.empty(shape, dtype=, device=)", lambda: torch.empty((b, h_q, s_q), dtype=f32, device=q.device)),
+    ]
     rows = [
         ("flashmla flash_mla_with_kvcache", lambda: flashmla.flash_mla_with_kvcache(q, kv, bt, seqlens, dv, meta, splits, causal=True)),
         ("flashmla get_mla_metadata", lambda: flashmla.get_mla_metadata(seqlens, s_q * h_q // h_kv, h_kv)),
@@ -72,6 +86,7 @@ def main():
     ]
     if dev.startswith("cuda") and raw_stream is not None:
         rows.append(("  current stream (_cuda_getCurrentRawStream)", lambda: raw_stream(q.get_device())))
+    rows += singles
     if args.upstream:
         sys.path.insert(0, args.upstream)
         import flash_mla as up
@@ -85,7 +100,7 @@ def main():
     for name, fn in rows:
         got[name] = per_call_us(fn, args.calls, sync)
         print(f"{name:46s} {got[name]:7.2f} us/call")
-    parts = sum(got[k] for k in got if k.startswith("  "))
+    parts = sum(got[k] for k in got if k.startswith("  ") and not k.startswith("    "))
     rest = got["flashmla flash_mla_with_kvcache"] - parts
     print(f"{'  left for the library (decode - the above)':46s} {rest:7.2f} us/call")
 

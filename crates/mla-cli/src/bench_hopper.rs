@@ -13,7 +13,9 @@
 //! scheduler kernel) is timed the same way on its own. The events of all launches are queued before one
 //! synchronisation, so the GPU runs them back to back and the times exclude the host's launch latency (as upstream's
 //! `triton.testing.do_bench`); `--sync-each` waits for every launch instead (the timing of the former
-//! `hopper-bench` example, which adds the host's time to enqueue each call).
+//! `hopper-bench` example, which adds the host's time to enqueue each call). Each row also reports the host's own
+//! time per call (`host_us`, `sched_host`: up to 200 calls enqueued back to back, no events, then one
+//! synchronisation), which is what a Rust host pays per layer on the CPU side.
 //!
 //! Each dtype runs causal or not as upstream's figures of that device did (H100: BF16/FP16 causal, E4M3
 //! non-causal; H200: all causal); `--no-causal` makes every dtype non-causal. Varlen lengths are
@@ -28,6 +30,7 @@
 use std::ffi::c_void;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::Instant;
 
 use cudarc::driver::{CudaContext, CudaEvent, CudaSlice, CudaStream, DevicePtr, DeviceRepr, DriverError, sys};
 use mla_core::dtype::{f32_to_bf16, f32_to_e4m3, f32_to_f16};
@@ -53,6 +56,9 @@ const BT_GARBAGE: i32 = 2_147_480_000;
 const PATTERN_BYTES: usize = 16 << 20;
 /// Bytes copied by the copy-bandwidth measurement.
 const COPY_BYTES: usize = 2 << 30;
+/// At most this many calls are timed for the host cost: well inside CUDA's launch queue (1024 pending launches;
+/// a decode call is two), so the host never waits for the GPU.
+const HOST_TIMING_MAX_CALLS: usize = 200;
 /// FP8 descales (any finite values: they only scale the logits and the output).
 const DESCALE_Q: f32 = 0.5;
 const DESCALE_K: f32 = 0.25;
@@ -389,6 +395,21 @@ impl Dev {
         Ok((times[times.len() / 2], times[0]))
     }
 
+    /// The host's time per call of `f(i)` (which enqueues work without waiting), µs: `iters` calls back to back,
+    /// then one synchronisation outside the clock. With fewer calls than CUDA's launch queue holds, the queue never
+    /// fills, so this is the library's host cost per call (validation, tensor maps, launches), the figure a Rust
+    /// host pays per layer.
+    fn host_us(&self, iters: usize, mut f: impl FnMut(usize) -> CliResult) -> CliResult<f64> {
+        let n = iters.clamp(1, HOST_TIMING_MAX_CALLS);
+        let t0 = Instant::now();
+        for i in 0..n {
+            f(i)?;
+        }
+        let us = t0.elapsed().as_secs_f64() * 1e6 / n as f64;
+        self.stream.synchronize().map_err(cuda)?;
+        Ok(us)
+    }
+
     /// Device-to-device copy bandwidth, GB/s (read + write counted), median of 10 copies of 2 GiB.
     fn copy_gbs(&self) -> CliResult<f64> {
         let src = self.zeros(COPY_BYTES)?;
@@ -450,6 +471,9 @@ struct Measured {
     ms: f64,
     min_ms: f64,
     sched_ms: f64,
+    /// Host µs per `decode` / `get_mla_metadata` call ([`Dev::host_us`]).
+    host_us: f64,
+    sched_host_us: f64,
     /// `num_splits[b]`: the total number of (request, part) pieces the scheduler cut the batch into.
     splits: usize,
 }
@@ -487,6 +511,7 @@ fn measure(
         num_splits: dev.desc(&num_splits, i32t, &[b + 1])?,
     };
     let (sched_ms, _) = dev.time_ms(opts.iters, |_| Ok(be.get_mla_metadata(&md, Stream::DEFAULT)?))?;
+    let sched_host_us = dev.host_us(opts.iters, |_| Ok(be.get_mla_metadata(&md, Stream::DEFAULT)?))?;
     let splits = dev.stream.clone_dtoh(&num_splits).map_err(cuda)?[b].max(0) as usize;
     let fp8 = dtype == DType::E4M3;
     // `descales` holds [descale_q, descale_k]; each view is one element of it.
@@ -520,7 +545,8 @@ fn measure(
     // SAFETY: a device buffer of `workspace.len()` bytes that outlives the timing loop and nothing else uses.
     let ws = unsafe { Workspace::from_raw(dev.ptr(&workspace), workspace.len(), dev.device) };
     let (ms, min_ms) = dev.time_ms(opts.iters, |i| Ok(be.decode(&args[i % opts.sets], ws, Stream::DEFAULT)?))?;
-    Ok(Measured { ms, min_ms, sched_ms, splits })
+    let host_us = dev.host_us(opts.iters, |i| Ok(be.decode(&args[i % opts.sets], ws, Stream::DEFAULT)?))?;
+    Ok(Measured { ms, min_ms, sched_ms, host_us, sched_host_us, splits })
 }
 
 /// One row of the report.
@@ -585,6 +611,8 @@ struct RowJson<'a> {
     ms: f64,
     min_ms: f64,
     sched_us: f64,
+    host_us: f64,
+    sched_host_us: f64,
     tflops: f64,
     gbs: f64,
     pct_copy_bw: Option<f64>,
@@ -636,6 +664,8 @@ fn write_json(
                 ms: round(r.m.ms, 5),
                 min_ms: round(r.m.min_ms, 5),
                 sched_us: round(r.m.sched_ms * 1e3, 2),
+                host_us: round(r.m.host_us, 2),
+                sched_host_us: round(r.m.sched_host_us, 2),
                 tflops: round(r.tflops, 2),
                 gbs: round(r.gbs, 1),
                 pct_copy_bw: copy_gbs.map(|c| round(100.0 * r.gbs / c, 1)),
@@ -678,8 +708,8 @@ fn upstream_header() {
 
 fn small_header() {
     println!(
-        "{:<5} {:>2} {:>3} {:>4} {:<28} {:>6} {:>9} {:>8} {:>8}",
-        "dtype", "b", "s_q", "h_q", "lengths", "splits", "us", "GB/s", "sched_us"
+        "{:<5} {:>2} {:>3} {:>4} {:<28} {:>6} {:>9} {:>8} {:>8} {:>8} {:>10}",
+        "dtype", "b", "s_q", "h_q", "lengths", "splits", "us", "GB/s", "sched_us", "host_us", "sched_host"
     );
 }
 
@@ -877,7 +907,7 @@ pub fn run(args: &BenchArgs) -> CliResult {
                         m,
                     };
                     println!(
-                        "{:<5} {:>2} {:>3} {:>4} {:<28} {:>6} {:>9.1} {:>8.0} {:>8.1}",
+                        "{:<5} {:>2} {:>3} {:>4} {:<28} {:>6} {:>9.1} {:>8.0} {:>8.1} {:>8.2} {:>10.2}",
                         dtype.name(),
                         b,
                         s_q,
@@ -886,7 +916,9 @@ pub fn run(args: &BenchArgs) -> CliResult {
                         row.m.splits,
                         row.m.ms * 1e3,
                         row.gbs,
-                        row.m.sched_ms * 1e3
+                        row.m.sched_ms * 1e3,
+                        row.m.host_us,
+                        row.m.sched_host_us
                     );
                     rows.push(row);
                     save(&rows)?;
@@ -994,7 +1026,7 @@ mod tests {
             seqlens,
             total_seqlen: 128 * 4096,
             causal: false,
-            m: Measured { ms: 0.25, min_ms: 0.24, sched_ms: 0.004, splits: 140 },
+            m: Measured { ms: 0.25, min_ms: 0.24, sched_ms: 0.004, host_us: 9.5, sched_host_us: 4.0, splits: 140 },
             tflops: 1.0,
             gbs: 1500.0,
             anchor_ms,
