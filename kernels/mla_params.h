@@ -59,7 +59,7 @@ struct MetadataParams {
   int32_t* num_splits;     // [b + 1]
   int32_t batch;
   int32_t num_sm_parts;
-  int32_t seqlens_in_smem;  // 1 if the launch reserved b int32 of dynamic shared memory
+  int32_t seqlens_in_smem;  // 1 if the launch reserved 2b + 1 int32 of dynamic shared memory (lengths, num_splits)
   int32_t pad0;
 };
 

@@ -83,8 +83,11 @@ pub(crate) const SMEM_16BIT: u32 = splitkv_smem_bytes(9 * CHUNK_BYTES, 2, false)
 pub(crate) const SMEM_E4M3: u32 = splitkv_smem_bytes(4 * CHUNK_BYTES + 4096, 3, true);
 /// The opt-in per-block shared-memory limit of sm_90 (`SMEM_OPT_IN_LIMIT` of kernels/smem_plan.h).
 pub(crate) const SMEM_OPT_IN_LIMIT: u32 = 232_448;
-/// Largest batch whose lengths the scheduler stages in shared memory (else it reads them from global memory).
-const SCHED_SMEM_MAX_BATCH: usize = 48 * 1024 / 4;
+/// Dynamic shared memory the scheduler kernel may use: the default per-block limit, so that no launch needs more.
+const SCHED_SMEM_BYTES: usize = 48 * 1024;
+/// Largest batch whose lengths and `num_splits` (2b + 1 int32) the scheduler stages in shared memory (else it
+/// works on global memory directly, slower but the same results).
+const SCHED_SMEM_MAX_BATCH: usize = (SCHED_SMEM_BYTES / 4 - 1) / 2;
 /// `log2(e)`: logits are computed in the log2 domain.
 const LOG2_E: f32 = std::f32::consts::LOG2_E;
 
@@ -196,7 +199,7 @@ impl HopperBackend {
             f.set_attribute(smem_attr, bytes as i32).map_err(init("cuFuncSetAttribute"))?;
         }
         let metadata = func(&meta_mod, "mla_get_metadata")?;
-        metadata.set_attribute(smem_attr, (SCHED_SMEM_MAX_BATCH * 4) as i32).map_err(init("cuFuncSetAttribute"))?;
+        metadata.set_attribute(smem_attr, SCHED_SMEM_BYTES as i32).map_err(init("cuFuncSetAttribute"))?;
         Ok(Kernels {
             combine: [
                 [func(&combine_mod, "mla_combine_bf16")?, func(&combine_mod, "mla_combine_bf16_many")?],
@@ -294,7 +297,7 @@ impl MlaBackend for HopperBackend {
             pad0: 0,
         };
         self.bind()?;
-        let smem = if in_smem { (batch * 4) as u32 } else { 0 };
+        let smem = if in_smem { ((2 * batch + 1) * 4) as u32 } else { 0 };
         let mut argv = [&mut p as *mut MetadataParams as *mut std::ffi::c_void];
         self.launch(&self.kernels.metadata, (1, 1, 1), SCHED_THREADS, smem, stream, &mut argv)?;
         Ok(())

@@ -177,7 +177,7 @@ fn scheduler_matches_host_plan() {
     let mut rng = Rng::new(seed ^ 0x5EED);
     let mut checked = 0;
     for round in 0..if quick() { 4 } else { 40 } {
-        let b = rng.pick(&[1usize, 2, 3, 6, 64, 128, 300, 1000, 5000]);
+        let b = rng.pick(&[1usize, 2, 3, 6, 64, 128, 300, 1000, 5000, 7000]);
         let max_len = rng.pick(&[1i32, 64, 200, 4096, 70000]);
         let zero_frac = rng.pick(&[0.0, 0.3, 1.0]);
         let seqlens: Vec<i32> = (0..b)
