@@ -83,8 +83,11 @@ pub struct Torch {
     e4m3: Option<Py<PyAny>>,
     bits16: [Option<Py<PyAny>>; 2],
     bits8: [Py<PyAny>; 2],
-    /// `torch.uint8`, for workspaces.
-    pub u8: Py<PyAny>,
+    /// `{"dtype": torch.uint8}`, for workspaces' `new_empty`.
+    pub u8_kwargs: Py<PyDict>,
+    /// `{"dtype": d}` for each output element type, in [`Torch::dtype`]'s order (never mutated: callees only read
+    /// keyword dicts).
+    dtype_kwargs: [Py<PyDict>; 5],
     /// `torch._C._cuda_getCurrentRawStream(device_index) -> int` (what torch.compile's generated code calls), or
     /// `None` on builds without it (then the public `torch.cuda.current_stream`).
     pub raw_stream: Option<Py<PyAny>>,
@@ -113,30 +116,42 @@ impl Torch {
         let opt = |name: &str| torch.getattr(name).ok().map(Bound::unbind);
         let raw_stream =
             torch.getattr("_C").and_then(|c| c.getattr("_cuda_getCurrentRawStream")).ok().map(Bound::unbind);
+        let kwargs = |dtype: &Py<PyAny>| -> PyResult<Py<PyDict>> {
+            let d = PyDict::new(py);
+            d.set_item("dtype", dtype.bind(py))?;
+            Ok(d.unbind())
+        };
+        let (bf16, f16, f32, i32) = (attr("bfloat16")?, attr("float16")?, attr("float32")?, attr("int32")?);
+        let (e4m3, u8) = (opt("float8_e4m3fn"), attr("uint8")?);
+        let dtype_kwargs =
+            [kwargs(&bf16)?, kwargs(&f16)?, kwargs(&f32)?, kwargs(&i32)?, kwargs(e4m3.as_ref().unwrap_or(&u8))?];
         let t = Torch {
             tensor: attr("Tensor")?,
-            bf16: attr("bfloat16")?,
-            f16: attr("float16")?,
-            f32: attr("float32")?,
-            i32: attr("int32")?,
-            e4m3: opt("float8_e4m3fn"),
+            bf16,
+            f16,
+            f32,
+            i32,
+            e4m3,
             bits16: [opt("int16"), opt("uint16")],
-            bits8: [attr("uint8")?, attr("int8")?],
-            u8: attr("uint8")?,
+            bits8: [u8.clone_ref(py), attr("int8")?],
+            u8_kwargs: kwargs(&u8)?,
+            dtype_kwargs,
             raw_stream,
         };
         Ok(Some(TORCH.get_or_init(py, || t)))
     }
 
-    /// The torch dtype of an element type, for outputs.
-    pub fn dtype(&self, py: Python<'_>, s: ScalarType) -> Py<PyAny> {
-        match s {
-            ScalarType::Bf16 => self.bf16.clone_ref(py),
-            ScalarType::F16 => self.f16.clone_ref(py),
-            ScalarType::F32 => self.f32.clone_ref(py),
-            ScalarType::I32 => self.i32.clone_ref(py),
-            ScalarType::E4M3 => self.e4m3.as_ref().unwrap_or(&self.bits8[0]).clone_ref(py),
-        }
+    /// `{"dtype": d}` with the torch dtype of an element type (e4m3 without `torch.float8_e4m3fn`: uint8), for
+    /// outputs' `new_empty`.
+    pub fn dtype_kwargs<'a, 'py>(&'a self, py: Python<'py>, s: ScalarType) -> &'a Bound<'py, PyDict> {
+        let i = match s {
+            ScalarType::Bf16 => 0,
+            ScalarType::F16 => 1,
+            ScalarType::F32 => 2,
+            ScalarType::I32 => 3,
+            ScalarType::E4M3 => 4,
+        };
+        self.dtype_kwargs[i].bind(py)
     }
 
     fn scalar(&self, dtype: &Bound<'_, PyAny>, hint: Option<ScalarType>) -> Option<(ScalarType, Repr)> {
