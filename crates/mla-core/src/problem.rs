@@ -225,16 +225,45 @@ pub(crate) fn check_writable(name: &str, t: &TensorDesc) -> Result<()> {
 }
 
 /// The bytes a memory argument addresses, for the overlap check (empty ranges never overlap).
-pub(crate) struct Region<'n> {
-    name: &'n str,
+#[derive(Clone, Copy)]
+pub(crate) struct Region {
+    name: &'static str,
     range: (usize, usize),
     written: bool,
 }
 
-impl<'n> Region<'n> {
-    pub(crate) fn of(name: &'n str, t: &TensorDesc, written: bool) -> Self {
+impl Region {
+    pub(crate) fn of(name: &'static str, t: &TensorDesc, written: bool) -> Self {
         // check_memory has run on every tensor, so the range exists; an empty one never overlaps.
         Region { name, range: t.byte_range().unwrap_or((0, 0)), written }
+    }
+}
+
+/// The most regions one call has: a sparse decode over an FP8 cache with every optional tensor (12) and the
+/// workspace.
+const MAX_REGIONS: usize = 13;
+
+/// The regions of one call, held inline: every decode builds them, and validation allocates nothing on success.
+/// A fixed array and a length written here, rather than an array-vector crate, as `push` and a slice are all it
+/// needs.
+pub(crate) struct Regions {
+    items: [Region; MAX_REGIONS],
+    len: usize,
+}
+
+impl Regions {
+    pub(crate) fn new() -> Self {
+        Regions { items: [Region { name: "", range: (0, 0), written: false }; MAX_REGIONS], len: 0 }
+    }
+
+    /// Panics past [`MAX_REGIONS`], which would be a call with more arguments than that constant counts.
+    pub(crate) fn push(&mut self, r: Region) {
+        self.items[self.len] = r;
+        self.len += 1;
+    }
+
+    pub(crate) fn as_slice(&self) -> &[Region] {
+        &self.items[..self.len]
     }
 }
 
@@ -317,17 +346,20 @@ pub fn validate_metadata(args: &MetadataArgs, caps: &Capabilities) -> Result<(us
 }
 
 /// Every memory argument of a decode call, outputs marked.
-fn decode_regions<'n>(args: &DecodeArgs) -> Vec<Region<'n>> {
-    let mut r = vec![
-        Region::of("q", &args.q, false),
-        Region::of("k_cache", &args.k_cache, false),
-        Region::of("block_table", &args.block_table, false),
-        Region::of("cache_seqlens", &args.cache_seqlens, false),
-        Region::of("tile_scheduler_metadata", &args.tile_scheduler_metadata, false),
-        Region::of("num_splits", &args.num_splits, false),
-        Region::of("out", &args.out, true),
-        Region::of("lse", &args.lse, true),
-    ];
+fn decode_regions(args: &DecodeArgs) -> Regions {
+    let mut r = Regions::new();
+    for (name, t, written) in [
+        ("q", &args.q, false),
+        ("k_cache", &args.k_cache, false),
+        ("block_table", &args.block_table, false),
+        ("cache_seqlens", &args.cache_seqlens, false),
+        ("tile_scheduler_metadata", &args.tile_scheduler_metadata, false),
+        ("num_splits", &args.num_splits, false),
+        ("out", &args.out, true),
+        ("lse", &args.lse, true),
+    ] {
+        r.push(Region::of(name, t, written));
+    }
     for (name, d) in [("descale_q", &args.descale_q), ("descale_k", &args.descale_k)] {
         if let Some(t) = d {
             r.push(Region::of(name, t, false));
@@ -443,7 +475,7 @@ pub fn validate_decode(args: &DecodeArgs, caps: &Capabilities) -> Result<DecodeP
 
     check_writable("out", out)?;
     check_writable("lse", lse)?;
-    check_disjoint(&decode_regions(args))?;
+    check_disjoint(decode_regions(args).as_slice())?;
 
     Ok(DecodeProblem {
         shape,
@@ -465,7 +497,7 @@ fn check_workspace(args: &DecodeArgs, ws: &Workspace, need: usize, device: Devic
 /// Checks a workspace against `need` bytes (`size_fn` names the backend method that gave it, for the message), its
 /// address and device, and that it overlaps none of the call's `regions`.
 pub(crate) fn check_workspace_of(
-    mut regions: Vec<Region>,
+    mut regions: Regions,
     ws: &Workspace,
     need: usize,
     size_fn: &str,
@@ -492,7 +524,7 @@ pub(crate) fn check_workspace_of(
         )
     })?;
     regions.push(Region { name: "workspace", range: (start, end), written: true });
-    check_disjoint(&regions)
+    check_disjoint(regions.as_slice())
 }
 
 /// A scheduler-step call that passed [`validate_metadata`] against the capabilities of the backend it is handed

@@ -47,7 +47,7 @@ use crate::dtype::ScalarType;
 use crate::error::{Error, Result};
 use crate::fp8::Fp8Layout;
 use crate::problem::{
-    HEAD_DIM_V, Region, check_dim, check_disjoint, check_dtype, check_index_vector, check_last_contiguous,
+    HEAD_DIM_V, Region, Regions, check_dim, check_disjoint, check_dtype, check_index_vector, check_last_contiguous,
     check_memory, check_metadata_buffers, check_ndim, check_workspace_of, check_writable, positive_dim,
 };
 use crate::scheduler::{self, BLOCK_SIZE_N, SchedulePlan};
@@ -623,17 +623,20 @@ enum Step {
 
 /// Every memory argument the validated mode reads or writes, the step's outputs marked. In sparse mode
 /// `block_table` and `cache_seqlens` are ignored (and not validated), so they are left out.
-fn fp8_regions<'n>(args: &Fp8DecodeArgs, mode: &Fp8Mode, step: Step) -> Vec<Region<'n>> {
+fn fp8_regions(args: &Fp8DecodeArgs, mode: &Fp8Mode, step: Step) -> Regions {
     let meta = step == Step::Metadata;
-    let mut r = vec![
-        Region::of("q", &args.q, false),
-        Region::of("k_cache", &args.k_cache, false),
-        Region::of("tile_scheduler_metadata", &args.tile_scheduler_metadata, meta),
-        Region::of("num_splits", &args.num_splits, meta),
-        Region::of("out", &args.out, !meta),
-        Region::of("lse", &args.lse, !meta),
-    ];
-    let optional: &[(&'n str, &Option<TensorDesc>)] = match mode {
+    let mut r = Regions::new();
+    for (name, t, written) in [
+        ("q", &args.q, false),
+        ("k_cache", &args.k_cache, false),
+        ("tile_scheduler_metadata", &args.tile_scheduler_metadata, meta),
+        ("num_splits", &args.num_splits, meta),
+        ("out", &args.out, !meta),
+        ("lse", &args.lse, !meta),
+    ] {
+        r.push(Region::of(name, t, written));
+    }
+    let optional: &[(&'static str, &Option<TensorDesc>)] = match mode {
         Fp8Mode::Sparse { .. } => &[
             ("indices", &args.indices),
             ("attn_sink", &args.attn_sink),
@@ -658,7 +661,7 @@ pub fn validate_fp8_decode(args: &Fp8DecodeArgs, caps: &Capabilities) -> Result<
     let problem = validate_fp8_args(args, caps)?;
     check_writable("out", &args.out)?;
     check_writable("lse", &args.lse)?;
-    check_disjoint(&fp8_regions(args, &problem.mode, Step::Decode))?;
+    check_disjoint(fp8_regions(args, &problem.mode, Step::Decode).as_slice())?;
     Ok(problem)
 }
 
@@ -669,7 +672,7 @@ pub fn validate_fp8_metadata(args: &Fp8DecodeArgs, caps: &Capabilities) -> Resul
     let problem = validate_fp8_args(args, caps)?;
     check_writable("tile_scheduler_metadata", &args.tile_scheduler_metadata)?;
     check_writable("num_splits", &args.num_splits)?;
-    check_disjoint(&fp8_regions(args, &problem.mode, Step::Metadata))?;
+    check_disjoint(fp8_regions(args, &problem.mode, Step::Metadata).as_slice())?;
     Ok(problem)
 }
 
@@ -981,6 +984,28 @@ mod tests {
             self.1.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             Ok(())
         }
+    }
+
+    #[test]
+    fn the_fullest_call_fits_the_inline_regions() {
+        use crate::Workspace;
+        let mut bufs = Bufs::new();
+        let lengths = vec![0i32; 1];
+        let args = bufs.args();
+        let len = crate::tensor::HostTensor::new(&lengths, &[1]).unwrap().desc();
+        // Every optional tensor of the sparse mode (read-only aliases may overlap): 12 regions, then the workspace.
+        let full = Fp8DecodeArgs {
+            extra_k_cache: Some(args.k_cache),
+            extra_indices_in_kvcache: args.indices,
+            topk_length: Some(len),
+            extra_topk_length: Some(len),
+            ..args
+        };
+        let mode = Fp8Mode::Sparse { topk: 3, has_topk_length: true, has_attn_sink: true, extra: None };
+        let regions = fp8_regions(&full, &mode, Step::Decode);
+        assert_eq!(regions.as_slice().len(), 12);
+        let mut ws = vec![0f32; WORKSPACE / 4];
+        check_workspace_of(regions, &Workspace::host(&mut ws), WORKSPACE, "fp8_workspace_size", Device::Host).unwrap();
     }
 
     #[test]
