@@ -658,22 +658,32 @@ fn fp8_regions(args: &Fp8DecodeArgs, mode: &Fp8Mode, step: Step) -> Regions {
 /// Validates a decode over an FP8 cache against a backend's capabilities: every descriptor, and that `out` and
 /// `lse` are writable and overlap no other argument.
 pub fn validate_fp8_decode(args: &Fp8DecodeArgs, caps: &Capabilities) -> Result<Fp8Problem> {
-    let problem = validate_fp8_args(args, caps)?;
-    check_writable("out", &args.out)?;
-    check_writable("lse", &args.lse)?;
-    check_disjoint(fp8_regions(args, &problem.mode, Step::Decode).as_slice())?;
-    Ok(problem)
+    validate_fp8_step(args, caps, Step::Decode).map(|(problem, _)| problem)
 }
 
 /// Validates the scheduler step of a decode over an FP8 cache: the decode's descriptor checks
 /// ([`validate_fp8_decode`]), with `tile_scheduler_metadata` and `num_splits` as the outputs (writable, overlapping
 /// no other argument) instead of `out` and `lse`.
 pub fn validate_fp8_metadata(args: &Fp8DecodeArgs, caps: &Capabilities) -> Result<Fp8Problem> {
+    validate_fp8_step(args, caps, Step::Metadata).map(|(problem, _)| problem)
+}
+
+/// The checks of one step: the descriptors, then the step's outputs writable and overlapping no other argument.
+/// Also returns the call's regions, for the decode's workspace check, so that a call builds them once.
+fn validate_fp8_step(args: &Fp8DecodeArgs, caps: &Capabilities, step: Step) -> Result<(Fp8Problem, Regions)> {
     let problem = validate_fp8_args(args, caps)?;
-    check_writable("tile_scheduler_metadata", &args.tile_scheduler_metadata)?;
-    check_writable("num_splits", &args.num_splits)?;
-    check_disjoint(fp8_regions(args, &problem.mode, Step::Metadata).as_slice())?;
-    Ok(problem)
+    let outputs = match step {
+        Step::Metadata => {
+            [("tile_scheduler_metadata", &args.tile_scheduler_metadata), ("num_splits", &args.num_splits)]
+        }
+        Step::Decode => [("out", &args.out), ("lse", &args.lse)],
+    };
+    for (name, t) in outputs {
+        check_writable(name, t)?;
+    }
+    let regions = fp8_regions(args, &problem.mode, step);
+    check_disjoint(regions.as_slice())?;
+    Ok((problem, regions))
 }
 
 /// A scheduler-step call over an FP8 cache that passed [`validate_fp8_metadata`] against the capabilities of the
@@ -717,17 +727,17 @@ pub struct ValidatedFp8Decode<'a> {
 }
 
 impl<'a> ValidatedFp8Decode<'a> {
-    /// Checks the workspace against `workspace_bytes_needed` (the backend's `fp8_workspace_size` for the shape of
-    /// `problem`, which [`validate_fp8_decode`] returned for `args`).
+    /// Validates `args` against `caps` ([`validate_fp8_decode`]), then the workspace against `workspace_size` (the
+    /// backend's `fp8_workspace_size`, asked for the validated shape).
     pub(crate) fn new(
         args: &Fp8DecodeArgs<'a>,
-        problem: Fp8Problem,
         workspace: Workspace<'a>,
-        workspace_bytes_needed: usize,
         caps: &Capabilities,
+        workspace_size: impl FnOnce(&Fp8Shape) -> Result<usize>,
     ) -> Result<Self> {
-        let regions = fp8_regions(args, &problem.mode, Step::Decode);
-        check_workspace_of(regions, &workspace, workspace_bytes_needed, "fp8_workspace_size", caps.device)?;
+        let (problem, regions) = validate_fp8_step(args, caps, Step::Decode)?;
+        let need = workspace_size(&problem.shape)?;
+        check_workspace_of(regions, &workspace, need, "fp8_workspace_size", caps.device)?;
         Ok(ValidatedFp8Decode { args: *args, problem, workspace })
     }
 
@@ -750,6 +760,7 @@ impl<'a> ValidatedFp8Decode<'a> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::problem::tests::test_caps;
 
     #[test]
     fn work_tokens_follow_upstream() {
@@ -842,22 +853,6 @@ mod tests {
         assert_eq!(l.o_offset, (37 * 256 * 4usize).next_multiple_of(256));
         assert_eq!(l.total_bytes, l.o_offset + 37 * 256 * 512 * 4);
         assert_eq!(l.lse_index(5, 0, 3 * 128 + 7), 5 * 256 + 3 * 128 + 7);
-    }
-
-    fn test_caps(fp8: Fp8Capabilities) -> Capabilities {
-        use crate::backend::PageSizes;
-        use crate::dtype::DType;
-        Capabilities {
-            backend: "test",
-            device: Device::Host,
-            device_name: String::new(),
-            sm_count: 4,
-            compute_capability: None,
-            dtypes: DType::ALL.to_vec(),
-            head_dims: vec![Capabilities::MLA_HEAD_DIMS],
-            page_sizes: PageSizes::Any,
-            fp8,
-        }
     }
 
     /// The buffers of a one-request, one-token, one-head sparse decode over a MODEL1 cache of 2 tokens.
