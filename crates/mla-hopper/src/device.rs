@@ -11,6 +11,7 @@
 //!
 //! ```no_run
 //! use mla_hopper::device::{DeviceTensor, DeviceTensorMut, Gpu, driver_error};
+//! use mla_core::scheduler::METADATA_WORDS;
 //! use mla_core::{MetadataArgs, MlaBackend, Stream};
 //!
 //! # fn main() -> mla_core::Result<()> {
@@ -19,11 +20,11 @@
 //! let upload = |v: &[i32]| gpu.stream().clone_htod(v).map_err(driver_error("cuMemcpyHtoDAsync"));
 //! let seqlens = upload(&[300, 20])?;
 //! let parts = backend.num_sm_parts(1, 1);
-//! let (mut metadata, mut num_splits) = (upload(&vec![0; parts * 8])?, upload(&[0; 3])?);
+//! let (mut metadata, mut num_splits) = (upload(&vec![0; parts * METADATA_WORDS])?, upload(&[0; 3])?);
 //!
 //! // Views are bound to locals: a descriptor borrows its view, which must outlive the call.
 //! let seqlens_view = DeviceTensor::new(gpu.stream(), &seqlens, &[2])?;
-//! let metadata_view = DeviceTensorMut::new(gpu.stream(), &mut metadata, &[parts, 8])?;
+//! let metadata_view = DeviceTensorMut::new(gpu.stream(), &mut metadata, &[parts, METADATA_WORDS])?;
 //! let num_splits_view = DeviceTensorMut::new(gpu.stream(), &mut num_splits, &[3])?;
 //! let args = MetadataArgs {
 //!     cache_seqlens: seqlens_view.desc(),
@@ -51,9 +52,11 @@
 //!   [`Stream::from_raw`](mla_core::Stream::from_raw)), and that is the legacy default stream of the context the
 //!   backend runs in: the device's primary context, which [`crate::HopperBackend`] opens with
 //!   `CudaContext::new`. So the constructors take the [`CudaStream`] the work will be ordered on and accept only
-//!   the legacy default stream (`CudaContext::default_stream`, the null handle) of a primary context, the same
-//!   context as the buffer's, and describe the memory as `Device::Cuda(ordinal)`, which validation matches against
-//!   the backend's device. [`Gpu::stream`] is that stream.
+//!   the legacy default stream (`CudaContext::default_stream`, the null handle) of a primary context, reached
+//!   through the same `Arc<CudaContext>` handle as the buffer's stream (cudarc keeps event tracking and
+//!   multi-stream mode per handle, and the bullets below need the buffer and the view to see the same state), and
+//!   describe the memory as `Device::Cuda(ordinal)`, which validation matches against the backend's device.
+//!   [`Gpu::stream`] is that stream for the buffers allocated on it.
 //! - **The pointer comes from `device_ptr(&stream)` / `device_ptr_mut(&stream)`, and its guard lives as long as the
 //!   view.** When cudarc manages synchronisation (event tracking on and a second stream created in the context),
 //!   `device_ptr` makes `stream` wait for the buffer's last recorded write, `device_ptr_mut` for its last read and
@@ -67,10 +70,10 @@
 //!   `cuMemFreeAsync` on that stream, or, on a device without memory pools, synchronises that stream and calls
 //!   `cuMemFree`. A buffer allocated on the legacy default stream is therefore freed after everything enqueued there
 //!   before the drop, the backend's kernels included; one allocated on a per-thread default stream likewise (those
-//!   synchronise with the legacy stream); one allocated on a stream of `new_stream` or `fork` (non-blocking) only
-//!   exists once the context is in multi-stream mode, where the events above order it, unless event tracking was
-//!   turned off with the `unsafe` `CudaContext::disable_event_tracking`, whose caller then promises to order its
-//!   streams by hand. Streams of other libraries enter cudarc only through the `unsafe`
+//!   synchronise with the legacy stream); one allocated on a stream of `new_stream` or `fork` (non-blocking) keeps
+//!   that stream, and with it the handle's multi-stream mode, alive, so the events above order it, unless event
+//!   tracking was turned off with the `unsafe` `CudaContext::disable_event_tracking`, whose caller then promises to
+//!   order its streams by hand. Streams of other libraries enter cudarc only through the `unsafe`
 //!   `CudaContext::wrap_borrowed_stream`, with the same promise.
 //!
 //! A caller that enqueues on another stream ([`Stream::from_raw`](mla_core::Stream::from_raw), e.g. to capture a CUDA
@@ -138,8 +141,9 @@ pub fn driver_error(call: &'static str) -> impl Fn(DriverError) -> Error {
     move |source| HopperError::Driver { call, source }.into()
 }
 
-/// Checks that `stream` is the legacy default stream of the primary context that owns the buffer (see the module
-/// documentation: the only stream safe code can hand a backend) and returns the buffer's device.
+/// Checks that `stream` is the legacy default stream of the primary context that owns the buffer, reached through
+/// the same cudarc context handle (see the module documentation: the only stream safe code can hand a backend, and
+/// the handle whose synchronisation state the buffer's events follow) and returns the buffer's device.
 fn check_stream(stream: &CudaStream, owner: &Arc<CudaStream>) -> Result<Device> {
     let ctx = owner.context();
     if !ctx.is_primary() {
@@ -149,11 +153,11 @@ fn check_stream(stream: &CudaStream, owner: &Arc<CudaStream>) -> Result<Device> 
             format!("memory of a non-primary context of device {}", ctx.ordinal()),
         ));
     }
-    if stream.context() != ctx {
+    if !Arc::ptr_eq(stream.context(), ctx) {
         return Err(Error::invalid(
             "stream",
-            format!("a stream of the context that owns the buffer (device {})", ctx.ordinal()),
-            format!("a stream of another context (device {})", stream.context().ordinal()),
+            format!("a stream of the CudaContext handle that allocated the buffer (device {})", ctx.ordinal()),
+            format!("a stream of another handle (device {})", stream.context().ordinal()),
         ));
     }
     if !stream.cu_stream().is_null() {
