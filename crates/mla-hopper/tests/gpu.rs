@@ -17,6 +17,7 @@
 
 use std::ffi::c_void;
 
+use mla_core::scheduler::METADATA_WORDS;
 use mla_core::{DType, MetadataArgs, MlaBackend, ScalarType, Stream};
 use mla_hopper::HopperBackend;
 use mla_hopper::device::cudarc::driver::sys;
@@ -99,7 +100,7 @@ impl Shape {
 /// Checks device metadata and `num_splits` against the host plan of `seqlens`; returns the plan's split count.
 fn check_plan(seqlens: &[i32], parts: usize, meta: &[i32], splits: &[i32], what: &str) -> usize {
     let plan = mla_core::scheduler::plan(seqlens, parts).expect("host plan");
-    let mut want_meta = vec![0i32; parts * 8];
+    let mut want_meta = vec![0i32; parts * METADATA_WORDS];
     let mut want_splits = vec![0i32; seqlens.len() + 1];
     plan.write_into(&mut want_meta, &mut want_splits).unwrap();
     assert_eq!(
@@ -148,11 +149,11 @@ fn scheduler_matches_host_plan() {
         let h_kv = rng.pick(&[1usize, 2, 8]);
         let parts = be.num_sm_parts(qsph, h_kv);
         let lens = stream.clone_htod(&seqlens).expect("upload");
-        let mut meta = stream.clone_htod(&vec![METADATA_SENTINEL; parts * 8]).expect("upload");
+        let mut meta = stream.clone_htod(&vec![METADATA_SENTINEL; parts * METADATA_WORDS]).expect("upload");
         let mut splits = stream.clone_htod(&vec![METADATA_SENTINEL; b + 1]).expect("upload");
         {
             let lens = DeviceTensor::new(stream, &lens, &[b]).expect("view");
-            let meta = DeviceTensorMut::new(stream, &mut meta, &[parts, 8]).expect("view");
+            let meta = DeviceTensorMut::new(stream, &mut meta, &[parts, METADATA_WORDS]).expect("view");
             let splits = DeviceTensorMut::new(stream, &mut splits, &[b + 1]).expect("view");
             let args = MetadataArgs {
                 cache_seqlens: lens.desc(),
@@ -416,6 +417,8 @@ fn graph_capture_and_replay() {
 const K_SHIFT_ELEMS: usize = 4;
 /// A q head stride of 580 elements = 1160 bytes: not a multiple of 16.
 const Q_HEAD_STRIDE: usize = 580;
+/// A workspace far smaller than any problem needs.
+const SMALL_WORKSPACE_BYTES: usize = 16;
 
 #[test]
 fn rejects_misaligned_inputs() {
@@ -438,7 +441,7 @@ fn rejects_misaligned_inputs() {
     let q_strides = [Q_HEAD_STRIDE * c.h_q, Q_HEAD_STRIDE * c.h_q, Q_HEAD_STRIDE, 1];
     let wide = stream.alloc_zeros::<u16>(Q_HEAD_STRIDE * c.h_q).expect("alloc");
     let q_wide = DeviceTensor::with_dtype(stream, &wide, ScalarType::Bf16, &q_shape, Some(&q_strides)).expect("q");
-    let mut small = stream.alloc_zeros::<u8>(16).expect("alloc");
+    let mut small = stream.alloc_zeros::<u8>(SMALL_WORKSPACE_BYTES).expect("alloc");
     let small = DeviceWorkspace::new(stream, &mut small).expect("workspace");
 
     let call = dev.decode_call(&p).expect("views");
@@ -493,7 +496,9 @@ fn decode_matches_cpu_backend() {
     }
 }
 
-/// Lengths the never-read test claims: 16 pages, far past the block table's 3 columns.
+/// Columns of the never-read test's block table: its request's 2 pages and one out-of-range id.
+const TABLE_COLUMNS: usize = 3;
+/// Length the never-read test claims: 16 pages, far past the block table's columns.
 const CLAIMED_LEN: i32 = 1000;
 
 #[test]
@@ -507,7 +512,7 @@ fn block_table_is_never_read_past_its_end() {
         // table instead.
         let shape = Shape { b: 1, s_q: 2, h_q: 16, h_kv: 1, causal: true, seqlens: vec![128], strided: false };
         let mut c = shape.case(dtype, rng.next_u64());
-        c.block_table_width = Some(3);
+        c.block_table_width = Some(TABLE_COLUMNS);
         c.block_table_fill = Some(UNUSED_PAGE);
         let mut p = Problem::generate(&c);
         let mut dev = DeviceBuffers::upload(&gpu, &be, &p).expect("upload");

@@ -24,6 +24,7 @@ use flashmla::cuda::{CudaSlice, CudaStream, DeviceTensor, DeviceTensorMut, Devic
 use half::slice::HalfBitsSliceExt;
 use half::{bf16, f16};
 use mla_core::dtype::{E4M3, E4M3_MAX};
+use mla_core::scheduler::METADATA_WORDS;
 use mla_core::{
     Capabilities, DType, DecodeArgs, DecodeShape, Device, HEAD_DIM_K, HEAD_DIM_V, HostTensor, HostTensorMut,
     MetadataArgs, MlaBackend, Result, Stream, Workspace,
@@ -482,11 +483,11 @@ impl Buffers {
         let b = c.batch();
         let sh = c.shape();
         let parts = be.num_sm_parts(sh.q_seq_per_hk(), c.h_kv);
-        let mut metadata = vec![0i32; parts * 8];
+        let mut metadata = vec![0i32; parts * METADATA_WORDS];
         let mut num_splits = vec![0i32; b + 1];
         {
             let seq = HostTensor::new(&c.seqlens, &[b])?;
-            let meta = HostTensorMut::new(&mut metadata, &[parts, 8])?;
+            let meta = HostTensorMut::new(&mut metadata, &[parts, METADATA_WORDS])?;
             let ns = HostTensorMut::new(&mut num_splits, &[b + 1])?;
             let args = MetadataArgs {
                 cache_seqlens: seq.desc(),
@@ -519,8 +520,8 @@ impl Buffers {
         let k = p.cache.tensor(&kshape, Some(&kstrides))?;
         let bt = HostTensor::new(&self.block_table, &[b, p.max_blocks_per_seq])?;
         let seq = HostTensor::new(&self.seqlens, &[b])?;
-        let parts = self.metadata.len() / 8;
-        let meta = HostTensor::new(&self.metadata, &[parts, 8])?;
+        let parts = self.metadata.len() / METADATA_WORDS;
+        let meta = HostTensor::new(&self.metadata, &[parts, METADATA_WORDS])?;
         let ns = HostTensor::new(&self.num_splits, &[b + 1])?;
         let dq = [c.descale_q];
         let dk = [c.descale_k];
@@ -639,7 +640,7 @@ pub struct DeviceBuffers {
     pub descale_q: CudaSlice<f32>,
     /// `[1]`.
     pub descale_k: CudaSlice<f32>,
-    /// `[parts, 8]`.
+    /// `[parts, METADATA_WORDS]`.
     pub metadata: CudaSlice<i32>,
     /// `[b + 1]`.
     pub num_splits: CudaSlice<i32>,
@@ -670,7 +671,7 @@ impl DeviceBuffers {
             seqlens: stream.clone_htod(&c.seqlens).map_err(&up)?,
             descale_q: stream.clone_htod(&[c.descale_q]).map_err(&up)?,
             descale_k: stream.clone_htod(&[c.descale_k]).map_err(&up)?,
-            metadata: stream.clone_htod(&vec![METADATA_SENTINEL; parts * 8]).map_err(&up)?,
+            metadata: stream.clone_htod(&vec![METADATA_SENTINEL; parts * METADATA_WORDS]).map_err(&up)?,
             num_splits: stream.clone_htod(&vec![METADATA_SENTINEL; c.batch() + 1]).map_err(&up)?,
             workspace: stream.clone_htod(&vec![WORKSPACE_FILL; workspace_bytes.max(1)]).map_err(&up)?,
             out: stream.clone_htod(&vec![OUT_SENTINEL; p.out_len()]).map_err(&up)?,
@@ -692,7 +693,7 @@ impl DeviceBuffers {
         let stream = &*self.stream;
         Ok(MetadataCall {
             seqlens: DeviceTensor::new(stream, &self.seqlens, &[c.batch()])?,
-            metadata: DeviceTensorMut::new(stream, &mut self.metadata, &[self.parts, 8])?,
+            metadata: DeviceTensorMut::new(stream, &mut self.metadata, &[self.parts, METADATA_WORDS])?,
             num_splits: DeviceTensorMut::new(stream, &mut self.num_splits, &[c.batch() + 1])?,
             q_seq_per_hk: c.shape().q_seq_per_hk(),
             h_kv: c.h_kv,
@@ -726,7 +727,7 @@ impl DeviceBuffers {
             k_cache: self.cache.view(stream, c.dtype, &kshape, Some(&kstrides))?,
             block_table: DeviceTensor::new(stream, &self.block_table, &[b, p.max_blocks_per_seq])?,
             seqlens: DeviceTensor::new(stream, &self.seqlens, &[b])?,
-            metadata: DeviceTensor::new(stream, &self.metadata, &[self.parts, 8])?,
+            metadata: DeviceTensor::new(stream, &self.metadata, &[self.parts, METADATA_WORDS])?,
             num_splits: DeviceTensor::new(stream, &self.num_splits, &[b + 1])?,
             descale_q: DeviceTensor::new(stream, &self.descale_q, &[1])?,
             descale_k: DeviceTensor::new(stream, &self.descale_k, &[1])?,
