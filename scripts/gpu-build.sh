@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Builds the Hopper GPU tests and the `flashmla` CLI (whose `bench --backend hopper` is the Hopper benchmark) here
-# (release) and gathers them, with scripts/gpu-run.sh and scripts/gpu-cli-check.sh, in gpu-bin/ (git-ignored), for
+# Builds the Hopper GPU tests, the conformance suite (tests/tests/conformance.rs), the cuda_decode example and the
+# `flashmla` CLI (whose `bench --backend hopper` is the Hopper benchmark) here (release) and gathers them, with scripts/gpu-run.sh and scripts/gpu-cli-check.sh, in gpu-bin/ (git-ignored), for
 # the device machine, which has no Rust:
 #
 #   scripts/gpu-build.sh            # then, on the device (run tool, carry: ["gpu-bin"]):  bash gpu-bin/gpu-run.sh
@@ -22,20 +22,28 @@ if [[ -z "${MLA_NVCC:-}" ]]; then
 fi
 
 cargo build --release -p mla-cli --bin flashmla
-TEST_EXE="$(cargo test --release -p mla-hopper --test gpu --no-run --message-format=json 2>/dev/null |
-  python3 -c 'import sys, json
+cargo build --release -p flashmla --example cuda_decode
+# The executable of integration test $2 of package $1.
+test_exe() {
+  cargo test --release -p "$1" --test "$2" --no-run --message-format=json 2>/dev/null |
+    python3 -c 'import sys, json
 for line in sys.stdin:
     m = json.loads(line)
-    if m.get("reason") == "compiler-artifact" and m.get("executable") and m["target"]["name"] == "gpu":
-        print(m["executable"])')"
-[[ -x "$TEST_EXE" ]] || { echo "gpu-build: test binary not found" >&2; exit 1; }
+    if m.get("reason") == "compiler-artifact" and m.get("executable") and m["target"]["name"] == sys.argv[1]:
+        print(m["executable"])' "$2"
+}
+TEST_EXE="$(test_exe mla-hopper gpu)"
+CONFORMANCE_EXE="$(test_exe mla-integration conformance)"
+[[ -x "$TEST_EXE" && -x "$CONFORMANCE_EXE" ]] || { echo "gpu-build: test binary not found" >&2; exit 1; }
 
 mkdir -p "$BIN"
 rm -f "$BIN/hopper-bench" # the former bench example, now `flashmla bench --backend hopper`
 cp "$TEST_EXE" "$BIN/hopper-gpu-tests"
+cp "$CONFORMANCE_EXE" "$BIN/conformance-tests"
 cp "$CARGO_TARGET_DIR/release/flashmla" "$BIN/flashmla"
+cp "$CARGO_TARGET_DIR/release/examples/cuda_decode" "$BIN/cuda_decode"
 cp scripts/gpu-run.sh scripts/gpu-cli-check.sh "$BIN/"
-strip --strip-debug "$BIN/hopper-gpu-tests" "$BIN/flashmla" 2>/dev/null || true
+strip --strip-debug "$BIN/hopper-gpu-tests" "$BIN/conformance-tests" "$BIN/flashmla" "$BIN/cuda_decode" 2>/dev/null || true
 
 rm -rf "$BIN/variants"
 if [[ -n "${GPU_VARIANTS:-}" ]]; then

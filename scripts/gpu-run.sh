@@ -4,12 +4,13 @@
 #   run(command: "scripts/gpu-run.sh", carry: ["gpu-bin"])
 #
 # Steps (each under a time limit, logs in $OUT): the GPU tests with FLASHMLA_REQUIRE_GPU=1 (a skip is a failure),
+# the conformance suite on cpu and hopper, the cuda_decode example (device memory through flashmla::cuda),
 # compute-sanitizer memcheck and racecheck on the reduced set (FLASHMLA_QUICK=1), the benchmark on upstream's grid
 # (`flashmla bench --backend hopper`, table in bench.log, all of it in bench.json) and the small-batch latencies
 # (`--grid small`, small.log / small.json), the `flashmla` CLI on the hopper backend (demo per dtype, and
 # `decode --backend hopper` against `--backend cpu` on the same .npy files), and the Python package's tests with
 # PyTorch on CUDA. The last lines printed are the summary. Pick steps with
-# GPU_STEPS="tests memcheck racecheck bench small cli python" and extra bench flags with BENCH_ARGS / SMALL_ARGS
+# GPU_STEPS="tests conformance example memcheck racecheck bench small cli python" and extra bench flags with BENCH_ARGS / SMALL_ARGS
 # (e.g. BENCH_ARGS="--dtype e4m3 --sk 4096"; `flashmla help` lists them). The python step needs the wheel in
 # gpu-bin/python (scripts/build-wheel.sh gpu-bin/python).
 #
@@ -32,7 +33,7 @@ OUT="${OUT:-/tmp/flashmla-gpu}"
 LOGS="$OUT/logs"
 mkdir -p "$LOGS"
 BIN="${GPU_BIN:-gpu-bin}"
-STEPS="${GPU_STEPS:-tests memcheck racecheck bench small cli python}"
+STEPS="${GPU_STEPS:-tests conformance example memcheck racecheck bench small cli python}"
 AB_ARGS="${AB_ARGS:---dtype bf16,e4m3 --sk 4096,16384 --h-q 16,128 --s-q 1,2 --varlen fixed}"
 AB_ROUNDS="${AB_ROUNDS:-2}"
 UPSTREAM="${UPSTREAM:-/tmp/up/fm9}"
@@ -45,6 +46,11 @@ declare -A RC
 for step in $STEPS; do
   case "$step" in
     tests) timeout 240 "$BIN/hopper-gpu-tests" --test-threads=1 --nocapture >"$LOGS/tests.log" 2>&1 ;;
+    # The conformance suite on every backend (cpu against its insta snapshots in this checkout, hopper against the
+    # float64 reference) and the example decoding from device memory through flashmla::cuda.
+    conformance) INSTA_WORKSPACE_ROOT="$ROOT" timeout 240 "$BIN/conformance-tests" --test-threads=1 --nocapture \
+        >"$LOGS/conformance.log" 2>&1 ;;
+    example) timeout 60 "$BIN/cuda_decode" hopper >"$LOGS/example.log" 2>&1 ;;
     memcheck) FLASHMLA_QUICK=1 timeout "${SAN_TIMEOUT:-200}" compute-sanitizer --tool memcheck --error-exitcode 9 \
         "$BIN/hopper-gpu-tests" --test-threads=1 --nocapture >"$LOGS/memcheck.log" 2>&1 ;;
     racecheck) FLASHMLA_QUICK=1 timeout "${SAN_TIMEOUT:-200}" compute-sanitizer --tool racecheck --error-exitcode 9 \
@@ -115,6 +121,8 @@ for step in $STEPS; do
   echo "--- $step: exit ${RC[$step]}"
   case "$step" in
     tests) grep -E "^test |test result|FAIL|panicked|e4m3 worst|^e4m3 amp|scheduler:|replay" "$log" | head -40 ;;
+    conformance) grep -E "^test |test result|panicked|skipp|conformance:" "$log" | head -20 ;;
+    example) cat "$log" ;;
     memcheck|racecheck) grep -E "ERROR SUMMARY|RACECHECK SUMMARY|test result|Invalid|Race" "$log" | head -12 ;;
     bench) grep -vE "^\s*$" "$log" | tail -160 ;;
     small) grep -vE "^\s*$" "$log" | tail -60 ;;

@@ -1,11 +1,15 @@
 //! The conformance suite: fixed cases (each dtype, split and unsplit requests, zero length, causal s_q > 1,
-//! h_kv > 1) run on every backend that opens here and takes host memory ([`for_each_backend`]), each checked
-//! against the float64 reference with the one tolerance rule. The CPU backend is bitwise deterministic, so its
-//! results are also pinned by insta snapshots (`snapshots/`): a digest of every bit of `out` and `lse` plus a few
-//! readable values, so any change in the numbers shows up as a snapshot diff to review (`cargo insta review`).
+//! h_kv > 1) run on every backend that opens here ([`for_each_backend`] with [`any_memory`]: a CUDA backend gets
+//! each problem uploaded to its device by [`run`]), each checked against the float64 reference with the one
+//! tolerance rule at the bar of the backend's arithmetic ([`Bar::of`]); a backend that lacks a case's page size
+//! runs it with its own ([`Case::fit_to`]). The CPU backend is bitwise deterministic, so its results are also
+//! pinned by insta snapshots (`snapshots/`): a digest of every bit of `out` and `lse` plus a few readable values,
+//! so any change in the numbers shows up as a snapshot diff to review (`cargo insta review`).
 
 use mla_core::DType;
-use mla_testkit::{Case, Outputs, Problem, check_against_reference, digest, for_each_backend, host_memory, run_host};
+use mla_testkit::{
+    Bar, Case, Outputs, Problem, any_memory, check_against_reference_at, digest, for_each_backend, run, run_host,
+};
 
 /// The fixed cases, by snapshot name.
 fn cases() -> Vec<(&'static str, Case)> {
@@ -73,11 +77,16 @@ fn summary(case: &Case, got: &Outputs) -> String {
 
 #[test]
 fn conformance() {
-    let ran = for_each_backend(host_memory, |be| {
+    let ran = for_each_backend(any_memory, |be| {
+        let caps = be.capabilities();
         for (name, case) in cases() {
+            let Some(case) = case.fit_to(caps) else {
+                eprintln!("conformance: {name} skipped on {} (dtype {} unsupported)", be.name(), case.dtype);
+                continue;
+            };
             let p = Problem::generate(&case);
-            let got = run_host(be, &p).unwrap_or_else(|e| panic!("{name} on {}: {e}", be.name()));
-            if let Err(e) = check_against_reference(&p, &got) {
+            let got = run(be, &p).unwrap_or_else(|e| panic!("{name} on {}: {e}", be.name()));
+            if let Err(e) = check_against_reference_at(&p, &got, Bar::of(caps, case.dtype)) {
                 panic!("{name} on {}: {e}", be.name());
             }
             if be.name() == "cpu" {

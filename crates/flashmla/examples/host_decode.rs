@@ -7,8 +7,8 @@
 //! ```
 //!
 //! Host views (`HostTensor`, `HostTensorMut`, `Workspace::host`) are the safe way in: they borrow the slices, so no
-//! address can outlive its memory. A GPU backend takes device memory, which enters through the `unsafe`
-//! `TensorDesc::from_raw` with its contract; this example therefore decodes on a host backend and says so when
+//! address can outlive its memory. A GPU backend takes device memory, which enters through the device views of
+//! `flashmla::cuda` (`examples/cuda_decode.rs`); this example therefore decodes on a host backend and says so when
 //! `auto` opened a GPU one.
 
 use flashmla::{

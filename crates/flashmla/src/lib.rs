@@ -16,8 +16,10 @@
 //!
 //! Host memory enters through borrowed views ([`HostTensor`], [`HostTensorMut`], [`Workspace::host`]): safe code
 //! cannot hand the library an address, and every call is validated once, before any memory is touched. Device
-//! memory enters through the `unsafe` [`TensorDesc::from_raw`], whose contract the caller upholds. A step is two
-//! calls, `get_mla_metadata` (once per step) and `decode` (once per layer):
+//! memory enters the same way through the views of `flashmla::cuda` (feature `cuda`: `DeviceTensor`,
+//! `DeviceTensorMut`, `DeviceWorkspace` over cudarc buffers, `examples/cuda_decode.rs`), or through the `unsafe`
+//! [`TensorDesc::from_raw`], whose contract the caller upholds. A step is two calls, `get_mla_metadata` (once per
+//! step) and `decode` (once per layer):
 //!
 //! ```
 //! use flashmla::{DType, DecodeArgs, DecodeShape, Device, HostTensor, HostTensorMut, MetadataArgs, Stream, Workspace};
@@ -95,4 +97,7 @@ pub use mla_core::*;
 pub use mla_cpu::CpuBackend;
 #[cfg(feature = "cuda")]
 pub use mla_hopper::HopperBackend;
+/// Safe views of CUDA device memory (cudarc buffers) for the Hopper backend, and a small device helper ([`cuda::Gpu`]).
+#[cfg(feature = "cuda")]
+pub use mla_hopper::device as cuda;
 pub use registry::{BACKEND_NAMES, open_backend};

@@ -161,6 +161,13 @@ impl<'a> TensorDesc<'a> {
         self.writable
     }
 
+    /// The same view without write permission (validation then refuses it as an output). Safe: it only takes a
+    /// permission away, for views of shared borrows made through [`TensorDesc::from_raw`] (device memory).
+    pub fn read_only(mut self) -> Self {
+        self.writable = false;
+        self
+    }
+
     /// The extents (`ndim` of them).
     pub fn dims(&self) -> &[i64] {
         &self.shape[..self.ndim]
@@ -366,5 +373,8 @@ mod tests {
         let mut v = vec![0f32; 6];
         assert!(!HostTensor::new(&v, &[6]).unwrap().desc().is_writable());
         assert!(HostTensorMut::new(&mut v, &[2, 3]).unwrap().desc().is_writable());
+        let d = inspect(&[2, 3], &[3, 1]);
+        assert!(d.is_writable() && !d.read_only().is_writable());
+        assert_eq!(d.read_only().dims(), d.dims());
     }
 }

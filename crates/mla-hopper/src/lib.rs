@@ -29,6 +29,7 @@ use mla_core::{
     ValidatedDecode, ValidatedMetadata, WorkspaceLayout,
 };
 
+pub mod device;
 mod error;
 mod params;
 mod tma;
