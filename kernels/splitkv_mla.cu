@@ -37,6 +37,9 @@ constexpr int BAR_L_DONE = 3;    // WG0 → WG1: WG0's P·V(i) is complete (page
 constexpr int BAR_V_READY = 4;   // WG1 → WG0 (e4m3): V(i) converted into sV
 // Lazy rescaling: the softmax reference max follows the running max only when it falls behind by more than this
 // (log2 units), so P <= 2^8 (exact in bf16/f16/e4m3 range) and O is rescaled on few pages instead of every page.
+// Measured on the H200 for bf16: following the running max exactly (slack 0) cost 4-6% at h_q·s_q >= 128 and
+// halved the largest output error at large logits (then equal to upstream's): with a stale reference, P of a row's
+// dominant logit is above 1 and is rounded when packed to 16 bits, where exactly it would be 1.
 constexpr float RESCALE_SLACK_LOG2 = 8.0f;
 constexpr int SOFTMAX_ROW_ELEMS = 16;  // logits of one row per thread and page (64 tokens over a quad of lanes)
 static_assert(SOFTMAX_ROW_ELEMS == 16, "the max tree below is written out for 16 logits");

@@ -17,8 +17,9 @@
 # ../shared/upstream's side-by-side.sh installed the wheel in /tmp/fm/site-packages and built upstream in $UPSTREAM
 # (default /tmp/up/fm9): python/benchmarks/host_cost.py (where the host time of a call goes, both libraries),
 # python/benchmarks/interleaved.py (both kernels on the same tensors in one process, with the SM clock and power of
-# each timing window) and ncu's full set on both split kernels over those same tensors (NCU_PY_CASE, default
-# 128x4096x128x2).
+# each timing window), ncu's full set on both split kernels over those same tensors (`ncu-py`, NCU_PY_CASE, default
+# 128x4096x128x2) and the GPU time of each kernel of a scheduler step and three decode calls of both libraries on
+# small shapes (`ncu-small`, NCU_SMALL_CASES).
 #
 # Kernel A/B (step `ab`, not in the default list): every $BIN/variants/NAME.cubin (split kernels compiled with other
 # compile-time switches, see docs/gpu.md) is loaded through FLASHMLA_HOPPER_SPLITKV_CUBIN in turn, AB_ROUNDS times
@@ -69,7 +70,7 @@ for step in $STEPS; do
             "$BIN/flashmla" bench --backend hopper ${c#*|} --varlen fixed --iters 1 --sets 1 --no-ceilings \
             >>"$LOGS/ncu.log" 2>&1
         done ;;
-    host|interleaved|ncu-py) # Need the wheel in /tmp/fm/site-packages (the python step, or side-by-side.sh) and
+    host|interleaved|ncu-py|ncu-small) # Need the wheel in /tmp/fm/site-packages (the python step, or side-by-side.sh) and
         # upstream built in $UPSTREAM (side-by-side.sh builds /tmp/up/fm9).
         export PYTHONPATH=/tmp/fm/site-packages
         case "$step" in
@@ -82,6 +83,15 @@ for step in $STEPS; do
               timeout 150 ncu --clock-control none -k regex:splitkv --launch-skip 1 -c 1 --set full --import-source no \
                 python3 python/benchmarks/interleaved.py --upstream "$UPSTREAM" --once "$lib" \
                 --cases "${NCU_PY_CASE:-128x4096x128x2}" >>"$LOGS/ncu-py.log" 2>&1
+            done ;;
+          ncu-small) # GPU time of every kernel of one scheduler step and three decode calls, both libraries.
+            for c in ${NCU_SMALL_CASES:-1x64x16x1 8x1024x128x1 128x4096x16x1}; do
+              for lib in upstream flashmla; do
+                echo "== ncu-small $lib $c" >>"$LOGS/ncu-small.log"
+                timeout 60 ncu --clock-control none -k regex:"mla|flash" -c 7 --metrics gpu__time_duration.sum \
+                  python3 python/benchmarks/interleaved.py --upstream "$UPSTREAM" --once "$lib" --cases "$c" 2>&1 |
+                  grep -E "^  [a-zA-Z_ ]*(mla|flash)[a-zA-Z_]*|gpu__time_duration" >>"$LOGS/ncu-small.log"
+              done
             done ;;
         esac ;;
     ab) for round in $(seq 1 "$AB_ROUNDS"); do
@@ -113,6 +123,22 @@ for step in $STEPS; do
     host) cat "$log" ;;
     interleaved) grep -vE "^\s*$" "$log" | tail -30 ;;
     ncu-py) grep -E "^== ncu|^  [a-z_]+splitkv|Duration|SM Frequency|Compute \(SM\) Throughput|Memory Throughput|Executed Ipc A|Registers Per|Achieved Occupancy|Shared Memory Configuration Size|Issue Slots Busy|No Eligible|L1/TEX Hit|Max Bandwidth|Active Warps Per" "$log" | head -70 ;;
+    ncu-small) python3 - "$log" <<'PY'
+import re, sys
+name, rows = None, []
+for line in open(sys.argv[1]):
+    if line.startswith("== "):
+        rows.append([line[3:].strip(), []])
+    elif "gpu__time_duration" in line and name:
+        unit, value = line.split()[-2:]
+        rows[-1][1].append(f"{name} {value} {unit}")
+    else:
+        m = re.match(r"\s+(?:void )?([A-Za-z_]+)", line)
+        name = m.group(1)[:28] if m else None
+for head, ks in rows:
+    print(head + ": " + ", ".join(ks))
+PY
+        ;;
     ncu) grep -E "^== ncu|Throughput|Duration|Busy|Pipe|Hit Rate|Bandwidth|Executed Ipc|Issue Slots|Mem Busy" "$log" | head -60 ;;
     ab) grep -E "^== |^e4m3 amp|test result|copy ceiling" "$log" | head -60
         python3 - "$LOGS" "$BIN/anchors-h200.json" <<'PY'

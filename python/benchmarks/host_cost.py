@@ -1,8 +1,9 @@
 """Where the host time of one `flash_mla_with_kvcache` / `get_mla_metadata` call goes (a benchmark, not a test).
 
-    python python/benchmarks/host_cost.py [--device cuda|cpu] [--calls N] [--upstream PATH]
+    python python/benchmarks/host_cost.py [--device cuda|cpu] [--calls N] [--rounds R] [--upstream PATH]
 
-Times, per call (best of 3 rounds of N calls, queued without synchronising, as an engine calls them):
+Times, per call (R rounds of N calls per row, queued without synchronising, as an engine calls them; the rows
+interleaved within each round; min, median and max over the rounds):
   - both functions of `flashmla` on the smallest decode problem (b = 1, s_q = 1, h_q = 16, bf16, 64 keys),
   - the Python-level operations the compiled module performs on each call: the attribute reads of every tensor
     argument, the three `Tensor.new_empty` allocations (out, lse, workspace), PyTorch's current stream,
@@ -18,21 +19,26 @@ import timeit
 import torch
 
 
-def per_call_us(fn, calls, sync):
-    fn()
+def timed_rounds(rows, calls, rounds, sync):
+    """µs per call of every row, `rounds` times, the rows interleaved within each round (so a slow spell of the
+    host hits every row alike): {name: sorted list}."""
+    for _, fn in rows:
+        fn()
     sync()
-    best = float("inf")
-    for _ in range(3):
-        t = timeit.timeit(fn, number=calls)
-        sync()
-        best = min(best, t)
-    return best / calls * 1e6
+    got = {name: [] for name, _ in rows}
+    for _ in range(rounds):
+        for name, fn in rows:
+            t = timeit.timeit(fn, number=calls)
+            sync()
+            got[name].append(t / calls * 1e6)
+    return {k: sorted(v) for k, v in got.items()}
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--calls", type=int, default=2000)
+    ap.add_argument("--calls", type=int, default=1000)
+    ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--upstream", help="directory of upstream FlashMLA's built package, to time it too")
     args = ap.parse_args()
 
@@ -96,14 +102,16 @@ def main():
         rows.append(("upstream flash_mla_with_kvcache", lambda: up.flash_mla_with_kvcache(q, kv, bt, seqlens, dv, up_meta, up_splits, causal=True)))
         rows.append(("upstream get_mla_metadata", lambda: up.get_mla_metadata(seqlens, s_q * h_q // h_kv, h_kv)))
 
-    print(f"device {dev}, torch {torch.__version__}, flashmla {flashmla.__version__}, {args.calls} calls per round")
-    got = {}
-    for name, fn in rows:
-        got[name] = per_call_us(fn, args.calls, sync)
-        print(f"{name:46s} {got[name]:7.2f} us/call")
-    parts = sum(got[k] for k in got if k.startswith("  ") and not k.startswith("    "))
-    rest = got["flashmla flash_mla_with_kvcache"] - parts
-    print(f"{'  left for the library (decode - the above)':46s} {rest:7.2f} us/call")
+    print(f"device {dev}, torch {torch.__version__}, flashmla {flashmla.__version__}, {args.rounds} rounds of "
+          f"{args.calls} calls per row, rows interleaved; us per call")
+    got = timed_rounds(rows, args.calls, args.rounds, sync)
+    print(f"{'':46s} {'min':>7s} {'median':>7s} {'max':>7s}")
+    for name, v in got.items():
+        print(f"{name:46s} {v[0]:7.2f} {v[len(v) // 2]:7.2f} {v[-1]:7.2f}")
+    best = {k: v[0] for k, v in got.items()}
+    parts = sum(best[k] for k in best if k.startswith("  ") and not k.startswith("    "))
+    rest = best["flashmla flash_mla_with_kvcache"] - parts
+    print(f"{'  left for the library (decode - the parts; min)':46s} {rest:7.2f}")
 
 
 if __name__ == "__main__":

@@ -72,14 +72,17 @@ def main():
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--once", choices=["flashmla", "upstream"])
     args = ap.parse_args()
-    sys.path.insert(0, args.upstream)
     import torch
-    import triton
 
-    import flash_mla as up
     import flashmla as ours
 
-    libs = {"upstream": up, "flashmla": ours}
+    libs = {"flashmla": ours}
+    if args.once != "flashmla":
+        # Only what is asked for is imported: `--once flashmla` runs where upstream is not built.
+        sys.path.insert(0, args.upstream)
+        import flash_mla as up
+
+        libs = {"upstream": up, "flashmla": ours}
     cases = [parse_case(c) for c in args.cases.split(",")]
     torch.manual_seed(0)
     dev = "cuda"
@@ -104,6 +107,8 @@ def main():
             f()
         torch.cuda.synchronize()
         return
+
+    import triton
 
     clocks = Clocks()
     time.sleep(0.3)

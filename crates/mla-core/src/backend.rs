@@ -17,7 +17,7 @@ use std::marker::PhantomData;
 use crate::dtype::DType;
 use crate::error::Result;
 use crate::problem::{
-    DecodeArgs, DecodeShape, HEAD_DIM_K, HEAD_DIM_V, MetadataArgs, ValidatedDecode, ValidatedMetadata, validate_decode,
+    DecodeArgs, DecodeShape, HEAD_DIM_K, HEAD_DIM_V, MetadataArgs, ValidatedDecode, ValidatedMetadata,
 };
 use crate::scheduler;
 use crate::sparse::{self, Fp8Capabilities, Fp8DecodeArgs, Fp8Shape, ValidatedFp8Decode, ValidatedFp8Metadata};
@@ -201,9 +201,7 @@ pub trait MlaBackend: Send + Sync {
     /// backends this enqueues work on `stream` and returns; it performs no allocation and no host
     /// synchronisation.
     fn decode(&self, args: &DecodeArgs, workspace: Workspace, stream: Stream) -> Result<()> {
-        let problem = validate_decode(args, self.capabilities())?;
-        let need = self.workspace_size(&problem.shape)?;
-        let v = ValidatedDecode::new(args, problem, workspace, need, self.capabilities())?;
+        let v = ValidatedDecode::new(args, workspace, self.capabilities(), |shape| self.workspace_size(shape))?;
         self.decode_validated(&v, stream)
     }
 
@@ -248,9 +246,7 @@ pub trait MlaBackend: Send + Sync {
     /// [`MlaBackend::fp8_workspace_size`], device, no overlap) once and hands the result to
     /// [`MlaBackend::fp8_decode_validated`]; backends implement that, not this.
     fn fp8_decode(&self, args: &Fp8DecodeArgs, workspace: Workspace, stream: Stream) -> Result<()> {
-        let problem = sparse::validate_fp8_decode(args, self.capabilities())?;
-        let need = self.fp8_workspace_size(&problem.shape)?;
-        let v = ValidatedFp8Decode::new(args, problem, workspace, need, self.capabilities())?;
+        let v = ValidatedFp8Decode::new(args, workspace, self.capabilities(), |shape| self.fp8_workspace_size(shape))?;
         self.fp8_decode_validated(&v, stream)
     }
 

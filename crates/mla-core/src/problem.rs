@@ -225,16 +225,45 @@ pub(crate) fn check_writable(name: &str, t: &TensorDesc) -> Result<()> {
 }
 
 /// The bytes a memory argument addresses, for the overlap check (empty ranges never overlap).
-pub(crate) struct Region<'n> {
-    name: &'n str,
+#[derive(Clone, Copy)]
+pub(crate) struct Region {
+    name: &'static str,
     range: (usize, usize),
     written: bool,
 }
 
-impl<'n> Region<'n> {
-    pub(crate) fn of(name: &'n str, t: &TensorDesc, written: bool) -> Self {
+impl Region {
+    pub(crate) fn of(name: &'static str, t: &TensorDesc, written: bool) -> Self {
         // check_memory has run on every tensor, so the range exists; an empty one never overlaps.
         Region { name, range: t.byte_range().unwrap_or((0, 0)), written }
+    }
+}
+
+/// The most regions one call has: a sparse decode over an FP8 cache with every optional tensor (12) and the
+/// workspace.
+const MAX_REGIONS: usize = 13;
+
+/// The regions of one call, held inline: every decode builds them, and validation allocates nothing on success.
+/// A fixed array and a length written here, rather than an array-vector crate, as `push` and a slice are all it
+/// needs.
+pub(crate) struct Regions {
+    items: [Region; MAX_REGIONS],
+    len: usize,
+}
+
+impl Regions {
+    pub(crate) fn new() -> Self {
+        Regions { items: [Region { name: "", range: (0, 0), written: false }; MAX_REGIONS], len: 0 }
+    }
+
+    /// Panics past [`MAX_REGIONS`], which would be a call with more arguments than that constant counts.
+    pub(crate) fn push(&mut self, r: Region) {
+        self.items[self.len] = r;
+        self.len += 1;
+    }
+
+    pub(crate) fn as_slice(&self) -> &[Region] {
+        &self.items[..self.len]
     }
 }
 
@@ -317,17 +346,20 @@ pub fn validate_metadata(args: &MetadataArgs, caps: &Capabilities) -> Result<(us
 }
 
 /// Every memory argument of a decode call, outputs marked.
-fn decode_regions<'n>(args: &DecodeArgs) -> Vec<Region<'n>> {
-    let mut r = vec![
-        Region::of("q", &args.q, false),
-        Region::of("k_cache", &args.k_cache, false),
-        Region::of("block_table", &args.block_table, false),
-        Region::of("cache_seqlens", &args.cache_seqlens, false),
-        Region::of("tile_scheduler_metadata", &args.tile_scheduler_metadata, false),
-        Region::of("num_splits", &args.num_splits, false),
-        Region::of("out", &args.out, true),
-        Region::of("lse", &args.lse, true),
-    ];
+fn decode_regions(args: &DecodeArgs) -> Regions {
+    let mut r = Regions::new();
+    for (name, t, written) in [
+        ("q", &args.q, false),
+        ("k_cache", &args.k_cache, false),
+        ("block_table", &args.block_table, false),
+        ("cache_seqlens", &args.cache_seqlens, false),
+        ("tile_scheduler_metadata", &args.tile_scheduler_metadata, false),
+        ("num_splits", &args.num_splits, false),
+        ("out", &args.out, true),
+        ("lse", &args.lse, true),
+    ] {
+        r.push(Region::of(name, t, written));
+    }
     for (name, d) in [("descale_q", &args.descale_q), ("descale_k", &args.descale_k)] {
         if let Some(t) = d {
             r.push(Region::of(name, t, false));
@@ -338,6 +370,12 @@ fn decode_regions<'n>(args: &DecodeArgs) -> Vec<Region<'n>> {
 
 /// Validates a decode call against a backend's capabilities.
 pub fn validate_decode(args: &DecodeArgs, caps: &Capabilities) -> Result<DecodeProblem> {
+    validate_decode_regions(args, caps).map(|(problem, _)| problem)
+}
+
+/// [`validate_decode`], also returning the call's regions (checked disjoint) for the workspace check, so that a
+/// call builds them once.
+fn validate_decode_regions(args: &DecodeArgs, caps: &Capabilities) -> Result<(DecodeProblem, Regions)> {
     let device = caps.device;
     if args.head_dim_v != HEAD_DIM_V {
         return Err(Error::invalid("head_dim_v", HEAD_DIM_V, args.head_dim_v));
@@ -443,29 +481,19 @@ pub fn validate_decode(args: &DecodeArgs, caps: &Capabilities) -> Result<DecodeP
 
     check_writable("out", out)?;
     check_writable("lse", lse)?;
-    check_disjoint(&decode_regions(args))?;
+    let regions = decode_regions(args);
+    check_disjoint(regions.as_slice())?;
 
-    Ok(DecodeProblem {
-        shape,
-        page_size,
-        num_blocks,
-        max_blocks_per_seq,
-        softmax_scale,
-        causal: args.causal && s_q > 1,
-        num_sm_parts,
-    })
-}
-
-/// Checks the workspace of a decode call: size (against the backend's `workspace_size`), address, device, and that
-/// it overlaps no tensor of the call.
-fn check_workspace(args: &DecodeArgs, ws: &Workspace, need: usize, device: Device) -> Result<()> {
-    check_workspace_of(decode_regions(args), ws, need, "workspace_size", device)
+    let causal = args.causal && s_q > 1;
+    let problem =
+        DecodeProblem { shape, page_size, num_blocks, max_blocks_per_seq, softmax_scale, causal, num_sm_parts };
+    Ok((problem, regions))
 }
 
 /// Checks a workspace against `need` bytes (`size_fn` names the backend method that gave it, for the message), its
 /// address and device, and that it overlaps none of the call's `regions`.
 pub(crate) fn check_workspace_of(
-    mut regions: Vec<Region>,
+    mut regions: Regions,
     ws: &Workspace,
     need: usize,
     size_fn: &str,
@@ -492,7 +520,7 @@ pub(crate) fn check_workspace_of(
         )
     })?;
     regions.push(Region { name: "workspace", range: (start, end), written: true });
-    check_disjoint(&regions)
+    check_disjoint(regions.as_slice())
 }
 
 /// A scheduler-step call that passed [`validate_metadata`] against the capabilities of the backend it is handed
@@ -541,16 +569,17 @@ pub struct ValidatedDecode<'a> {
 }
 
 impl<'a> ValidatedDecode<'a> {
-    /// Validates `args` against `caps` and the workspace against `workspace_bytes_needed` (the backend's
-    /// `workspace_size` for the validated shape, computed by the caller).
+    /// Validates `args` against `caps`, then the workspace against `workspace_size` (the backend's, asked for the
+    /// validated shape).
     pub(crate) fn new(
         args: &DecodeArgs<'a>,
-        problem: DecodeProblem,
         workspace: Workspace<'a>,
-        workspace_bytes_needed: usize,
         caps: &Capabilities,
+        workspace_size: impl FnOnce(&DecodeShape) -> Result<usize>,
     ) -> Result<Self> {
-        check_workspace(args, &workspace, workspace_bytes_needed, caps.device)?;
+        let (problem, regions) = validate_decode_regions(args, caps)?;
+        let need = workspace_size(&problem.shape)?;
+        check_workspace_of(regions, &workspace, need, "workspace_size", caps.device)?;
         Ok(ValidatedDecode { args: *args, problem, workspace })
     }
 
@@ -567,5 +596,82 @@ impl<'a> ValidatedDecode<'a> {
     /// The workspace (at least `workspace_size` bytes on the backend's device).
     pub fn workspace(&self) -> Workspace<'a> {
         self.workspace
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+    use crate::backend::PageSizes;
+    use crate::sparse::Fp8Capabilities;
+    use crate::tensor::{HostTensor, HostTensorMut};
+    use half::bf16;
+
+    const WORKSPACE: usize = 64;
+
+    /// A host backend of 4 "SMs" taking every dtype and page size; `fp8` as given.
+    pub(crate) fn test_caps(fp8: Fp8Capabilities) -> Capabilities {
+        Capabilities {
+            backend: "test",
+            device: Device::Host,
+            device_name: String::new(),
+            sm_count: 4,
+            compute_capability: None,
+            dtypes: DType::ALL.to_vec(),
+            head_dims: vec![Capabilities::MLA_HEAD_DIMS],
+            page_sizes: PageSizes::Any,
+            fp8,
+        }
+    }
+
+    #[test]
+    fn decode_workspace_is_checked_after_the_arguments() {
+        // One request, one token, one head, a cache of one token; 4 SMs give 4 metadata rows.
+        let (q, k) = (vec![bf16::ZERO; HEAD_DIM_K], vec![bf16::ZERO; HEAD_DIM_K]);
+        let (bt, seqlens) = (vec![0i32; 1], vec![1i32; 1]);
+        let (mut meta, mut splits) = (vec![0i32; 4 * METADATA_WORDS], vec![0i32; 2]);
+        let (mut out, mut lse) = (vec![bf16::ZERO; HEAD_DIM_V], vec![0f32; 1]);
+        let out_ptr = out.as_mut_ptr();
+        let args = DecodeArgs {
+            q: HostTensor::new(&q, &[1, 1, 1, HEAD_DIM_K]).unwrap().desc(),
+            k_cache: HostTensor::new(&k, &[1, 1, 1, HEAD_DIM_K]).unwrap().desc(),
+            block_table: HostTensor::new(&bt, &[1, 1]).unwrap().desc(),
+            cache_seqlens: HostTensor::new(&seqlens, &[1]).unwrap().desc(),
+            head_dim_v: HEAD_DIM_V,
+            tile_scheduler_metadata: HostTensorMut::new(&mut meta, &[4, METADATA_WORDS]).unwrap().desc(),
+            num_splits: HostTensorMut::new(&mut splits, &[2]).unwrap().desc(),
+            softmax_scale: None,
+            causal: false,
+            descale_q: None,
+            descale_k: None,
+            out: HostTensorMut::new(&mut out, &[1, 1, 1, HEAD_DIM_V]).unwrap().desc(),
+            lse: HostTensorMut::new(&mut lse, &[1, 1, 1]).unwrap().desc(),
+        };
+        let mut ws = vec![0f32; WORKSPACE / 4];
+        let asked = std::cell::Cell::new(0);
+        let size = |s: &DecodeShape| {
+            assert_eq!((s.batch, s.s_q, s.h_q, s.h_kv), (1, 1, 1, 1));
+            asked.set(asked.get() + 1);
+            Ok(WORKSPACE)
+        };
+        let err = |r: Result<ValidatedDecode>| r.unwrap_err().to_string();
+        let caps = test_caps(Fp8Capabilities::none());
+
+        let v = ValidatedDecode::new(&args, Workspace::host(&mut ws), &caps, size).unwrap();
+        assert_eq!((v.problem().num_sm_parts, v.workspace().bytes(), asked.get()), (4, WORKSPACE, 1));
+
+        let e = err(ValidatedDecode::new(&args, Workspace::host(&mut ws[..WORKSPACE / 8]), &caps, size));
+        assert!(e.contains("`workspace_bytes`: expected >= 64 (workspace_size for this shape), got 32"), "{e}");
+        // SAFETY: validation rejects this workspace (it overlaps `out`) before anything is read or written.
+        let overlapping = unsafe { Workspace::from_raw(out_ptr.cast(), WORKSPACE, Device::Host) };
+        let e = err(ValidatedDecode::new(&args, overlapping, &caps, size));
+        assert!(e.contains("`out`: expected memory disjoint from `workspace`"), "{e}");
+
+        // Arguments that fail validation never reach the backend's workspace_size.
+        let asked_before = asked.get();
+        let bad = DecodeArgs { head_dim_v: 128, ..args };
+        let e = err(ValidatedDecode::new(&bad, Workspace::host(&mut ws), &caps, size));
+        assert!(e.contains("`head_dim_v`: expected 512, got 128"), "{e}");
+        assert_eq!(asked.get(), asked_before);
     }
 }

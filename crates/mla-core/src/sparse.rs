@@ -47,7 +47,7 @@ use crate::dtype::ScalarType;
 use crate::error::{Error, Result};
 use crate::fp8::Fp8Layout;
 use crate::problem::{
-    HEAD_DIM_V, Region, check_dim, check_disjoint, check_dtype, check_index_vector, check_last_contiguous,
+    HEAD_DIM_V, Region, Regions, check_dim, check_disjoint, check_dtype, check_index_vector, check_last_contiguous,
     check_memory, check_metadata_buffers, check_ndim, check_workspace_of, check_writable, positive_dim,
 };
 use crate::scheduler::{self, BLOCK_SIZE_N, SchedulePlan};
@@ -623,17 +623,20 @@ enum Step {
 
 /// Every memory argument the validated mode reads or writes, the step's outputs marked. In sparse mode
 /// `block_table` and `cache_seqlens` are ignored (and not validated), so they are left out.
-fn fp8_regions<'n>(args: &Fp8DecodeArgs, mode: &Fp8Mode, step: Step) -> Vec<Region<'n>> {
+fn fp8_regions(args: &Fp8DecodeArgs, mode: &Fp8Mode, step: Step) -> Regions {
     let meta = step == Step::Metadata;
-    let mut r = vec![
-        Region::of("q", &args.q, false),
-        Region::of("k_cache", &args.k_cache, false),
-        Region::of("tile_scheduler_metadata", &args.tile_scheduler_metadata, meta),
-        Region::of("num_splits", &args.num_splits, meta),
-        Region::of("out", &args.out, !meta),
-        Region::of("lse", &args.lse, !meta),
-    ];
-    let optional: &[(&'n str, &Option<TensorDesc>)] = match mode {
+    let mut r = Regions::new();
+    for (name, t, written) in [
+        ("q", &args.q, false),
+        ("k_cache", &args.k_cache, false),
+        ("tile_scheduler_metadata", &args.tile_scheduler_metadata, meta),
+        ("num_splits", &args.num_splits, meta),
+        ("out", &args.out, !meta),
+        ("lse", &args.lse, !meta),
+    ] {
+        r.push(Region::of(name, t, written));
+    }
+    let optional: &[(&'static str, &Option<TensorDesc>)] = match mode {
         Fp8Mode::Sparse { .. } => &[
             ("indices", &args.indices),
             ("attn_sink", &args.attn_sink),
@@ -655,22 +658,32 @@ fn fp8_regions<'n>(args: &Fp8DecodeArgs, mode: &Fp8Mode, step: Step) -> Vec<Regi
 /// Validates a decode over an FP8 cache against a backend's capabilities: every descriptor, and that `out` and
 /// `lse` are writable and overlap no other argument.
 pub fn validate_fp8_decode(args: &Fp8DecodeArgs, caps: &Capabilities) -> Result<Fp8Problem> {
-    let problem = validate_fp8_args(args, caps)?;
-    check_writable("out", &args.out)?;
-    check_writable("lse", &args.lse)?;
-    check_disjoint(&fp8_regions(args, &problem.mode, Step::Decode))?;
-    Ok(problem)
+    validate_fp8_step(args, caps, Step::Decode).map(|(problem, _)| problem)
 }
 
 /// Validates the scheduler step of a decode over an FP8 cache: the decode's descriptor checks
 /// ([`validate_fp8_decode`]), with `tile_scheduler_metadata` and `num_splits` as the outputs (writable, overlapping
 /// no other argument) instead of `out` and `lse`.
 pub fn validate_fp8_metadata(args: &Fp8DecodeArgs, caps: &Capabilities) -> Result<Fp8Problem> {
+    validate_fp8_step(args, caps, Step::Metadata).map(|(problem, _)| problem)
+}
+
+/// The checks of one step: the descriptors, then the step's outputs writable and overlapping no other argument.
+/// Also returns the call's regions, for the decode's workspace check, so that a call builds them once.
+fn validate_fp8_step(args: &Fp8DecodeArgs, caps: &Capabilities, step: Step) -> Result<(Fp8Problem, Regions)> {
     let problem = validate_fp8_args(args, caps)?;
-    check_writable("tile_scheduler_metadata", &args.tile_scheduler_metadata)?;
-    check_writable("num_splits", &args.num_splits)?;
-    check_disjoint(&fp8_regions(args, &problem.mode, Step::Metadata))?;
-    Ok(problem)
+    let outputs = match step {
+        Step::Metadata => {
+            [("tile_scheduler_metadata", &args.tile_scheduler_metadata), ("num_splits", &args.num_splits)]
+        }
+        Step::Decode => [("out", &args.out), ("lse", &args.lse)],
+    };
+    for (name, t) in outputs {
+        check_writable(name, t)?;
+    }
+    let regions = fp8_regions(args, &problem.mode, step);
+    check_disjoint(regions.as_slice())?;
+    Ok((problem, regions))
 }
 
 /// A scheduler-step call over an FP8 cache that passed [`validate_fp8_metadata`] against the capabilities of the
@@ -714,17 +727,17 @@ pub struct ValidatedFp8Decode<'a> {
 }
 
 impl<'a> ValidatedFp8Decode<'a> {
-    /// Checks the workspace against `workspace_bytes_needed` (the backend's `fp8_workspace_size` for the shape of
-    /// `problem`, which [`validate_fp8_decode`] returned for `args`).
+    /// Validates `args` against `caps` ([`validate_fp8_decode`]), then the workspace against `workspace_size` (the
+    /// backend's `fp8_workspace_size`, asked for the validated shape).
     pub(crate) fn new(
         args: &Fp8DecodeArgs<'a>,
-        problem: Fp8Problem,
         workspace: Workspace<'a>,
-        workspace_bytes_needed: usize,
         caps: &Capabilities,
+        workspace_size: impl FnOnce(&Fp8Shape) -> Result<usize>,
     ) -> Result<Self> {
-        let regions = fp8_regions(args, &problem.mode, Step::Decode);
-        check_workspace_of(regions, &workspace, workspace_bytes_needed, "fp8_workspace_size", caps.device)?;
+        let (problem, regions) = validate_fp8_step(args, caps, Step::Decode)?;
+        let need = workspace_size(&problem.shape)?;
+        check_workspace_of(regions, &workspace, need, "fp8_workspace_size", caps.device)?;
         Ok(ValidatedFp8Decode { args: *args, problem, workspace })
     }
 
@@ -747,6 +760,7 @@ impl<'a> ValidatedFp8Decode<'a> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::problem::tests::test_caps;
 
     #[test]
     fn work_tokens_follow_upstream() {
@@ -839,22 +853,6 @@ mod tests {
         assert_eq!(l.o_offset, (37 * 256 * 4usize).next_multiple_of(256));
         assert_eq!(l.total_bytes, l.o_offset + 37 * 256 * 512 * 4);
         assert_eq!(l.lse_index(5, 0, 3 * 128 + 7), 5 * 256 + 3 * 128 + 7);
-    }
-
-    fn test_caps(fp8: Fp8Capabilities) -> Capabilities {
-        use crate::backend::PageSizes;
-        use crate::dtype::DType;
-        Capabilities {
-            backend: "test",
-            device: Device::Host,
-            device_name: String::new(),
-            sm_count: 4,
-            compute_capability: None,
-            dtypes: DType::ALL.to_vec(),
-            head_dims: vec![Capabilities::MLA_HEAD_DIMS],
-            page_sizes: PageSizes::Any,
-            fp8,
-        }
     }
 
     /// The buffers of a one-request, one-token, one-head sparse decode over a MODEL1 cache of 2 tokens.
@@ -981,6 +979,28 @@ mod tests {
             self.1.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             Ok(())
         }
+    }
+
+    #[test]
+    fn the_fullest_call_fits_the_inline_regions() {
+        use crate::Workspace;
+        let mut bufs = Bufs::new();
+        let lengths = vec![0i32; 1];
+        let args = bufs.args();
+        let len = crate::tensor::HostTensor::new(&lengths, &[1]).unwrap().desc();
+        // Every optional tensor of the sparse mode (read-only aliases may overlap): 12 regions, then the workspace.
+        let full = Fp8DecodeArgs {
+            extra_k_cache: Some(args.k_cache),
+            extra_indices_in_kvcache: args.indices,
+            topk_length: Some(len),
+            extra_topk_length: Some(len),
+            ..args
+        };
+        let mode = Fp8Mode::Sparse { topk: 3, has_topk_length: true, has_attn_sink: true, extra: None };
+        let regions = fp8_regions(&full, &mode, Step::Decode);
+        assert_eq!(regions.as_slice().len(), 12);
+        let mut ws = vec![0f32; WORKSPACE / 4];
+        check_workspace_of(regions, &Workspace::host(&mut ws), WORKSPACE, "fp8_workspace_size", Device::Host).unwrap();
     }
 
     #[test]

@@ -35,8 +35,15 @@ pub struct Allocator<'py> {
 
 enum Kind<'py> {
     /// `native`: the reference's element type when it is a real torch dtype (outputs of that type need no `dtype=`).
-    Torch { torch: &'static Torch, reference: Bound<'py, PyAny>, device: Device, native: Option<ScalarType> },
-    Numpy { np: Bound<'py, PyModule> },
+    Torch {
+        torch: &'static Torch,
+        reference: Bound<'py, PyAny>,
+        device: Device,
+        native: Option<ScalarType>,
+    },
+    Numpy {
+        np: Bound<'py, PyModule>,
+    },
 }
 
 static ML_DTYPES_BF16: PyOnceLock<Py<PyAny>> = PyOnceLock::new();
