@@ -43,10 +43,10 @@ use serde::Serialize;
 
 use crate::anchors::{ANCHOR_BATCH, AnchorSet, Which};
 use crate::args::{BenchArgs, CliError, CliResult};
-use crate::bench::{round, save_json};
 use crate::cli_err;
 use crate::plot::{self, Plot, Point};
 use crate::progress::Progress;
+use crate::report::{pct, round, save_json};
 
 /// Tokens per KV page (the Hopper kernels' only page size).
 const PAGE: usize = 64;
@@ -668,7 +668,7 @@ fn write_json(
                 sched_host_us: round(r.m.sched_host_us, 2),
                 tflops: round(r.tflops, 2),
                 gbs: round(r.gbs, 1),
-                pct_copy_bw: copy_gbs.map(|c| round(100.0 * r.gbs / c, 1)),
+                pct_copy_bw: pct(r.gbs, copy_gbs),
                 anchor_ms: r.anchor_ms,
                 ratio: r.anchor_ms.map(|a| round(a / r.m.ms, 4)),
             })
