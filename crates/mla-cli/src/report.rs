@@ -67,8 +67,8 @@ impl Table {
     }
 }
 
-/// `x` with `digits` decimals, or `-` where there is no figure.
-pub fn or_dash(x: Option<f64>, digits: usize) -> String {
+/// `x` with `digits` decimals (a float; an integer prints whole), or `-` where there is no figure.
+pub fn or_dash(x: Option<impl Display>, digits: usize) -> String {
     x.map_or("-".into(), |x| format!("{x:.digits$}"))
 }
 
@@ -99,7 +99,7 @@ mod tests {
     fn header_and_rows_share_the_widths() {
         assert_eq!(T.header(), "dtype   Σs_k      ms");
         assert_eq!(T.row(&[&"bf16", &4096, &format!("{:.3}", 0.2291)]), "bf16    4096   0.229");
-        assert_eq!(T.row(&[&"e4m3", &12, &or_dash(None, 3)]), "e4m3      12       -");
+        assert_eq!(T.row(&[&"e4m3", &12, &or_dash(None::<f64>, 3)]), "e4m3      12       -");
         // A cell wider than its column is not cut.
         assert_eq!(T.row(&[&"bf16", &12345678, &"x"]), "bf16  12345678       x");
     }
@@ -110,5 +110,7 @@ mod tests {
         assert_eq!(pct(1500.0, Some(3000.0)), Some(50.0));
         assert_eq!(pct(1.0, None), None);
         assert_eq!(or_dash(Some(0.12345), 3), "0.123");
+        assert_eq!(or_dash(Some(4096), 0), "4096");
+        assert_eq!(or_dash(None::<usize>, 0), "-");
     }
 }

@@ -1,10 +1,12 @@
-//! The configurations of `bench --backend hopper`: upstream's grid and the small batches, their lengths, each one's
-//! weight in the estimate of the time left, and `--dry-run`.
+//! The configurations of `bench --backend hopper`: upstream's grid and the small batches as one list of batches
+//! (each timed at one or more head shapes), their lengths, each configuration's weight in the estimate of the time
+//! left, and `--dry-run`. The run, the estimate and the dry run all walk [`batches`], so they list the same
+//! configurations in the same order.
 
 use mla_core::{DType, HEAD_DIM_K, HEAD_DIM_V};
 
 use super::Options;
-use super::report::lengths_label;
+use super::report;
 use crate::anchors::AnchorSet;
 
 /// Which configurations to run.
@@ -14,6 +16,27 @@ pub enum Grid {
     Small,
 }
 
+impl Grid {
+    /// The `--grid` value, as the JSON names the grid.
+    pub fn name(self) -> &'static str {
+        match self {
+            Grid::Upstream => "upstream",
+            Grid::Small => "small",
+        }
+    }
+}
+
+/// The state of [`Rng::new`] for seed 0 (splitmix64's increment, the golden ratio), mixed into every seed.
+const SEED_MIX: u64 = 0x9E37_79B9_7F4A_7C15;
+/// splitmix64's first multiplier, which spreads small seeds over the state.
+const SEED_SPREAD: u64 = 0xBF58_476D_1CE4_E5B9;
+/// xorshift64*'s output multiplier.
+const XORSHIFT_STAR: u64 = 0x2545_F491_4F6C_DD1D;
+/// Bits of a uniform draw (an f64's significand).
+const UNIFORM_BITS: u32 = f64::MANTISSA_DIGITS;
+/// Floor of the Box-Muller draw whose logarithm is taken (a draw of 0 would give an infinite normal).
+const NORMAL_FLOOR: f64 = 1e-300;
+
 /// xorshift64* with Box-Muller normals: seedable, fast, good enough for benchmark inputs. Kept rather than
 /// `rand`/`rand_distr`: the varlen lengths and page permutations of a seed are part of the recorded results
 /// (docs/log/performance.md, docs/bench/), and another generator would draw other batches for the same `--seed`.
@@ -21,23 +44,30 @@ pub struct Rng(u64);
 
 impl Rng {
     pub fn new(seed: u64) -> Self {
-        // Spread small seeds over the state (0 would be a fixed point).
-        Rng((seed ^ 0x9E37_79B9_7F4A_7C15).wrapping_mul(0xBF58_476D_1CE4_E5B9).max(1))
+        // 0 would be a fixed point of the shifts.
+        Rng((seed ^ SEED_MIX).wrapping_mul(SEED_SPREAD).max(1))
     }
-    pub fn next_u64(&mut self) -> u64 {
+
+    fn next_u64(&mut self) -> u64 {
+        // xorshift64*'s (12, 25, 27) shifts.
         self.0 ^= self.0 >> 12;
         self.0 ^= self.0 << 25;
         self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
+        self.0.wrapping_mul(XORSHIFT_STAR)
     }
-    pub fn uniform(&mut self) -> f64 {
-        (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64
+
+    fn uniform(&mut self) -> f64 {
+        (self.next_u64() >> (u64::BITS - UNIFORM_BITS)) as f64 / (1u64 << UNIFORM_BITS) as f64
     }
+
+    /// Uniform in `0..n`.
     pub fn below(&mut self, n: usize) -> usize {
         (self.uniform() * n as f64) as usize % n.max(1)
     }
+
+    /// N(0, 1).
     pub fn normal(&mut self) -> f64 {
-        let u1 = self.uniform().max(1e-300);
+        let u1 = self.uniform().max(NORMAL_FLOOR);
         let u2 = self.uniform();
         (-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos()
     }
@@ -52,7 +82,7 @@ pub fn upstream_lengths(batch: usize, s_k: usize, varlen: bool, seed: u64) -> Ve
         .collect()
 }
 
-/// Issue 6's small and imbalanced batches: (lengths, s_q, h_q).
+/// The small and imbalanced batches (docs/log/performance.md, "small and imbalanced batches"): (lengths, s_q, h_q).
 pub fn small_configs() -> Vec<(Vec<i32>, usize, usize)> {
     let mut configs = vec![(vec![4641, 45118, 1730, 1696], 4, 16)];
     for b in [1usize, 2, 4, 8] {
@@ -61,6 +91,66 @@ pub fn small_configs() -> Vec<(Vec<i32>, usize, usize)> {
         }
     }
     configs
+}
+
+/// One batch of requests: its caches are built once per dtype and timed at every head shape.
+pub struct Batch {
+    pub grid: Grid,
+    pub seqlens: Vec<i32>,
+    /// Upstream grid: the nominal s_k; small grid: the common length, if all are equal.
+    pub s_k: Option<usize>,
+    /// `fixed`, `varlen`, or (small grid) `list`.
+    pub mode: &'static str,
+    /// (h_q, s_q) of each configuration, in run order.
+    pub heads: Vec<(usize, usize)>,
+}
+
+impl Batch {
+    /// Upstream's figure for this batch at `h_q` and `s_q`, on the upstream grid.
+    pub fn anchor(&self, anchors: &AnchorSet, dtype: DType, h_q: usize, s_q: usize, causal: bool) -> Option<f64> {
+        match (self.grid, self.s_k) {
+            (Grid::Upstream, Some(s_k)) => {
+                anchors.anchor(dtype, self.seqlens.len(), s_k, h_q, s_q, self.mode == "varlen", causal)
+            }
+            _ => None,
+        }
+    }
+}
+
+/// The batches of a run, in run order (the same for every dtype): upstream's s_k × {fixed, varlen}, each at every
+/// h_q × s_q; or the small batches, each at its own shape.
+pub fn batches(opts: &Options) -> Vec<Batch> {
+    match opts.grid {
+        Grid::Upstream => {
+            let heads: Vec<_> = opts.hqs.iter().flat_map(|&h_q| opts.sqs.iter().map(move |&s_q| (h_q, s_q))).collect();
+            let mut out = Vec::new();
+            for &s_k in &opts.sks {
+                for &varlen in &opts.modes {
+                    out.push(Batch {
+                        grid: Grid::Upstream,
+                        seqlens: upstream_lengths(opts.batch, s_k, varlen, opts.seed),
+                        s_k: Some(s_k),
+                        mode: if varlen { "varlen" } else { "fixed" },
+                        heads: heads.clone(),
+                    });
+                }
+            }
+            out
+        }
+        Grid::Small => small_configs()
+            .into_iter()
+            .map(|(seqlens, s_q, h_q)| {
+                let uniform = seqlens.iter().all(|&s| s == seqlens[0]);
+                Batch {
+                    grid: Grid::Small,
+                    s_k: uniform.then_some(seqlens[0] as usize),
+                    mode: if uniform { "fixed" } else { "list" },
+                    seqlens,
+                    heads: vec![(h_q, s_q)],
+                }
+            })
+            .collect(),
+    }
 }
 
 /// Upstream's FLOPs and bytes of one decode (h_kv = 1).
@@ -73,34 +163,20 @@ pub fn flops_bytes(dtype: DType, total_seqlen: usize, batch: usize, s_q: usize, 
 
 /// FLOP per byte at which a row's time is taken to turn from its bytes to its FLOPs, for the estimate of the time
 /// left only (about an H100's or H200's dense BF16 peak over its bandwidth).
-pub const NOMINAL_RIDGE: f64 = 250.0;
+const NOMINAL_RIDGE: f64 = 250.0;
 
 /// Each configuration's weight in the estimate of the time left, in run order: its bytes, or its FLOPs over
-/// [`NOMINAL_RIDGE`] where more.
+/// [`NOMINAL_RIDGE`] where more, at the nominal lengths (b·s_k: the varlen draw does not matter here).
 pub fn costs(opts: &Options) -> Vec<f64> {
-    let cost = |dtype, total, b, s_q, h_q| {
-        let (flops, bytes) = flops_bytes(dtype, total, b, s_q, h_q);
-        bytes.max(flops / NOMINAL_RIDGE)
-    };
+    let batches = batches(opts);
     let mut out = Vec::new();
     for &dtype in &opts.dtypes {
-        match opts.grid {
-            Grid::Upstream => {
-                for &s_k in &opts.sks {
-                    for _ in &opts.modes {
-                        for &h_q in &opts.hqs {
-                            for &s_q in &opts.sqs {
-                                out.push(cost(dtype, opts.batch * s_k, opts.batch, s_q, h_q));
-                            }
-                        }
-                    }
-                }
-            }
-            Grid::Small => {
-                for (seqlens, s_q, h_q) in small_configs() {
-                    let total = seqlens.iter().map(|&s| s as usize).sum();
-                    out.push(cost(dtype, total, seqlens.len(), s_q, h_q));
-                }
+        for batch in &batches {
+            let b = batch.seqlens.len();
+            let total = batch.s_k.map_or_else(|| batch.seqlens.iter().map(|&s| s as usize).sum(), |s_k| b * s_k);
+            for &(h_q, s_q) in &batch.heads {
+                let (flops, bytes) = flops_bytes(dtype, total, b, s_q, h_q);
+                out.push(bytes.max(flops / NOMINAL_RIDGE));
             }
         }
     }
@@ -109,47 +185,16 @@ pub fn costs(opts: &Options) -> Vec<f64> {
 
 /// `--dry-run`: the configurations and their anchors, without a device.
 pub fn dry_run(opts: &Options, anchors: &AnchorSet) {
+    let batches = batches(opts);
+    println!("{}", report::dry_run_table(opts.grid).header());
     let mut n = 0;
-    match opts.grid {
-        Grid::Upstream => {
-            println!(
-                "{:<5} {:>6} {:>4} {:>3} {:<6} {:>3} {:>5} {:>9}",
-                "dtype", "s_k", "h_q", "s_q", "mode", "cau", "b", "anchor"
-            );
-            for &dtype in &opts.dtypes {
-                for &s_k in &opts.sks {
-                    for &varlen in &opts.modes {
-                        for &h_q in &opts.hqs {
-                            for &s_q in &opts.sqs {
-                                let causal = opts.causal(dtype, anchors);
-                                let a = anchors.anchor(dtype, opts.batch, s_k, h_q, s_q, varlen, causal);
-                                println!(
-                                    "{:<5} {:>6} {:>4} {:>3} {:<6} {:>3} {:>5} {:>9}",
-                                    dtype.name(),
-                                    s_k,
-                                    h_q,
-                                    s_q,
-                                    if varlen { "varlen" } else { "fixed" },
-                                    causal as u8,
-                                    opts.batch,
-                                    a.map_or("-".into(), |a| format!("{a:.3}"))
-                                );
-                                n += 1;
-                            }
-                        }
-                    }
-                }
-            }
-        }
-        Grid::Small => {
-            println!("{:<5} {:>2} {:>3} {:>4} {:<28} {:>3}", "dtype", "b", "s_q", "h_q", "lengths", "cau");
-            for &dtype in &opts.dtypes {
-                for (seqlens, s_q, h_q) in small_configs() {
-                    let label = lengths_label(&seqlens);
-                    let causal = opts.causal(dtype, anchors) as u8;
-                    println!("{:<5} {:>2} {:>3} {:>4} {label:<28} {causal:>3}", dtype.name(), seqlens.len(), s_q, h_q);
-                    n += 1;
-                }
+    for &dtype in &opts.dtypes {
+        let causal = opts.causal(dtype, anchors);
+        for batch in &batches {
+            for &(h_q, s_q) in &batch.heads {
+                let anchor = batch.anchor(anchors, dtype, h_q, s_q, causal);
+                println!("{}", report::dry_run_line(batch, dtype, h_q, s_q, causal, anchor));
+                n += 1;
             }
         }
     }

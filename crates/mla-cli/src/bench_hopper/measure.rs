@@ -218,10 +218,6 @@ impl Caches {
             seqlens,
         })
     }
-
-    pub fn total_seqlen(&self) -> usize {
-        self.seqlens.iter().map(|&s| s.max(0) as usize).sum()
-    }
 }
 
 /// One measured configuration.

@@ -4,7 +4,7 @@
 //! | grid | configurations (per dtype) |
 //! |---|---|
 //! | `upstream` (default) | b = 128, h_kv = 1, s_k ∈ {4096, 8192, 16384} × {fixed, varlen}, h_q ∈ {16, 32, 64, 128}, s_q ∈ {1, 2} |
-//! | `small` | issue 6's small and imbalanced batches: b = 4 with lengths [4641, 45118, 1730, 1696], s_q = 4, h_q = 16; b ∈ {1, 2, 4, 8} × s_k ∈ {1k, 4k, 16k, 64k}, s_q = 1, h_q = 128 |
+//! | `small` | small and imbalanced batches (docs/log/performance.md): b = 4 with lengths [4641, 45118, 1730, 1696], s_q = 4, h_q = 16; b ∈ {1, 2, 4, 8} × s_k ∈ {1k, 4k, 16k, 64k}, s_q = 1, h_q = 128 |
 //!
 //! Method: every input set (KV cache + Q) is allocated `--sets` times (default 2) and the launches rotate between
 //! them, so no launch finds its cache in L2 (50 MB; one set of the smallest upstream configuration is 600 MB).
@@ -35,38 +35,48 @@ use std::path::PathBuf;
 
 use mla_core::DType;
 
-use self::grid::{Grid, Rng, costs, dry_run, flops_bytes, small_configs, upstream_lengths};
+use self::grid::{Grid, Rng, batches, costs, dry_run};
 use self::measure::{Caches, Dev, measure, random_pattern};
-use self::report::{Row, draw_plot, lengths_label, small_header, upstream_header, write_json};
+use self::report::{Row, draw_plot, write_json};
 use crate::anchors::{ANCHOR_BATCH, AnchorSet, Which};
 use crate::args::{BenchArgs, CliResult};
 use crate::cli_err;
 use crate::progress::Progress;
 
+/// Upstream's grid: context lengths, query heads, query tokens per request.
+const UPSTREAM_SKS: [usize; 3] = [4096, 8192, 16384];
+const UPSTREAM_HQS: [usize; 4] = [16, 32, 64, 128];
+const UPSTREAM_SQS: [usize; 2] = [1, 2];
+/// Timed launches per configuration (`--iters`), after as many warm-ups.
+const DEFAULT_ITERS: usize = 30;
+/// Input sets the launches rotate over (`--sets`): with two, consecutive launches read different caches, so none
+/// finds the previous launch's data in L2.
+const DEFAULT_SETS: usize = 2;
+
 /// Parsed options of `bench --backend hopper`.
 #[derive(Debug)]
 struct Options {
-    pub grid: Grid,
-    pub dtypes: Vec<DType>,
-    pub batch: usize,
-    pub sks: Vec<usize>,
-    pub hqs: Vec<usize>,
-    pub sqs: Vec<usize>,
+    grid: Grid,
+    dtypes: Vec<DType>,
+    batch: usize,
+    sks: Vec<usize>,
+    hqs: Vec<usize>,
+    sqs: Vec<usize>,
     /// `false` = fixed lengths, `true` = varlen.
-    pub modes: Vec<bool>,
+    modes: Vec<bool>,
     /// `None`: per dtype as upstream ran it on the anchors' device; `Some(false)`: `--no-causal`.
-    pub causal: Option<bool>,
+    causal: Option<bool>,
     /// `--anchors`, if given (else the device's own).
-    pub anchors: Option<Which>,
-    pub iters: usize,
-    pub sets: usize,
-    pub sync_each: bool,
-    pub seed: u64,
-    pub json: Option<PathBuf>,
-    pub plot: Option<PathBuf>,
-    pub ceilings: bool,
-    pub dry_run: bool,
-    pub ordinal: i32,
+    anchors: Option<Which>,
+    iters: usize,
+    sets: usize,
+    sync_each: bool,
+    seed: u64,
+    json: Option<PathBuf>,
+    plot: Option<PathBuf>,
+    ceilings: bool,
+    dry_run: bool,
+    ordinal: i32,
 }
 
 impl Options {
@@ -111,15 +121,15 @@ fn parse(args: &BenchArgs) -> CliResult<Options> {
         Some(None) => Some(vec![true]),
         None => None,
     };
-    let iters: usize = args.iters.unwrap_or(30);
-    let sets: usize = args.sets.unwrap_or(2);
+    let iters: usize = args.iters.unwrap_or(DEFAULT_ITERS);
+    let sets: usize = args.sets.unwrap_or(DEFAULT_SETS);
     let opts = Options {
         grid,
         dtypes,
         batch: batch.unwrap_or(ANCHOR_BATCH),
-        sks: sks.clone().unwrap_or_else(|| vec![4096, 8192, 16384]),
-        hqs: hqs.clone().unwrap_or_else(|| vec![16, 32, 64, 128]),
-        sqs: sqs.clone().unwrap_or_else(|| vec![1, 2]),
+        sks: sks.clone().unwrap_or_else(|| UPSTREAM_SKS.to_vec()),
+        hqs: hqs.clone().unwrap_or_else(|| UPSTREAM_HQS.to_vec()),
+        sqs: sqs.clone().unwrap_or_else(|| UPSTREAM_SQS.to_vec()),
         modes: modes.clone().unwrap_or_else(|| vec![false, true]),
         causal: args.no_causal.then_some(false),
         anchors: args.anchors.as_deref().and_then(Which::parse),
@@ -200,117 +210,33 @@ pub fn run(args: &BenchArgs) -> CliResult {
     let mut progress = Progress::new(costs(&opts), false);
     let mut rng = Rng::new(opts.seed);
     match opts.grid {
-        Grid::Upstream => {
-            println!(
-                "b = {}, h_kv = 1: whole decode call (split + combine), median of {} launches rotating {} input \
-                 sets ({timing}); seed {}",
-                opts.batch, opts.iters, opts.sets, opts.seed
-            );
-            upstream_header();
-            for &dtype in &opts.dtypes {
-                let causal = opts.causal(dtype, anchors);
-                let (pattern, q_pattern) = (random_pattern(&mut rng, dtype), random_pattern(&mut rng, dtype));
-                for &s_k in &opts.sks {
-                    for &varlen in &opts.modes {
-                        let seqlens = upstream_lengths(opts.batch, s_k, varlen, opts.seed);
-                        let caches = Caches::new(&dev, &mut rng, dtype, seqlens, opts.sets, &pattern)?;
-                        let total = caches.total_seqlen();
-                        for &h_q in &opts.hqs {
-                            for &s_q in &opts.sqs {
-                                let m = measure(be, &dev, &caches, dtype, h_q, s_q, causal, &opts, &q_pattern)?;
-                                let (flops, bytes) = flops_bytes(dtype, total, opts.batch, s_q, h_q);
-                                let row = Row {
-                                    grid: Grid::Upstream,
-                                    dtype,
-                                    batch: opts.batch,
-                                    h_q,
-                                    s_q,
-                                    s_k: Some(s_k),
-                                    mode: if varlen { "varlen" } else { "fixed" },
-                                    seqlens: None,
-                                    total_seqlen: total,
-                                    causal,
-                                    tflops: flops / (m.ms * 1e-3) / 1e12,
-                                    gbs: bytes / (m.ms * 1e-3) / 1e9,
-                                    anchor_ms: anchors.anchor(dtype, opts.batch, s_k, h_q, s_q, varlen, causal),
-                                    m,
-                                };
-                                println!(
-                                    "{:<5} {:>6} {:>4} {:>3} {:<6} {:>3} {:>9.4} {:>8.1} {:>8.0} {:>9} {:>7} {:>8.1}",
-                                    dtype.name(),
-                                    s_k,
-                                    h_q,
-                                    s_q,
-                                    row.mode,
-                                    causal as u8,
-                                    row.m.ms,
-                                    row.tflops,
-                                    row.gbs,
-                                    row.anchor_ms.map_or("-".into(), |a| format!("{a:.3}")),
-                                    row.anchor_ms.map_or("-".into(), |a| format!("{:.3}", a / row.m.ms)),
-                                    row.m.sched_ms * 1e3
-                                );
-                                rows.push(row);
-                                save(&rows)?;
-                                progress.step(&format!("{} s_k={s_k} h_q={h_q} s_q={s_q}", dtype.name()));
-                            }
-                        }
-                    }
-                }
-            }
-        }
-        Grid::Small => {
-            println!(
-                "small batches: whole decode call (split + combine), median of {} launches rotating {} input sets \
-                 ({timing})",
-                opts.iters, opts.sets
-            );
-            small_header();
-            for &dtype in &opts.dtypes {
-                let causal = opts.causal(dtype, anchors);
-                let (pattern, q_pattern) = (random_pattern(&mut rng, dtype), random_pattern(&mut rng, dtype));
-                for (seqlens, s_q, h_q) in small_configs() {
-                    let b = seqlens.len();
-                    let label = lengths_label(&seqlens);
-                    let caches = Caches::new(&dev, &mut rng, dtype, seqlens.clone(), opts.sets, &pattern)?;
-                    let total = caches.total_seqlen();
-                    let m = measure(be, &dev, &caches, dtype, h_q, s_q, causal, &opts, &q_pattern)?;
-                    let (flops, bytes) = flops_bytes(dtype, total, b, s_q, h_q);
-                    let uniform = seqlens.iter().all(|&s| s == seqlens[0]);
-                    let row = Row {
-                        grid: Grid::Small,
-                        dtype,
-                        batch: b,
-                        h_q,
-                        s_q,
-                        s_k: uniform.then_some(seqlens[0] as usize),
-                        mode: if uniform { "fixed" } else { "list" },
-                        seqlens: Some(seqlens),
-                        total_seqlen: total,
-                        causal,
-                        tflops: flops / (m.ms * 1e-3) / 1e12,
-                        gbs: bytes / (m.ms * 1e-3) / 1e9,
-                        anchor_ms: None,
-                        m,
-                    };
-                    println!(
-                        "{:<5} {:>2} {:>3} {:>4} {:<28} {:>6} {:>9.1} {:>8.0} {:>8.1} {:>8.2} {:>10.2}",
-                        dtype.name(),
-                        b,
-                        s_q,
-                        h_q,
-                        label,
-                        row.m.splits,
-                        row.m.ms * 1e3,
-                        row.gbs,
-                        row.m.sched_ms * 1e3,
-                        row.m.host_us,
-                        row.m.sched_host_us
-                    );
-                    rows.push(row);
-                    save(&rows)?;
-                    progress.step(&format!("{} {label}", dtype.name()));
-                }
+        Grid::Upstream => println!(
+            "b = {}, h_kv = 1: whole decode call (split + combine), median of {} launches rotating {} input sets \
+             ({timing}); seed {}",
+            opts.batch, opts.iters, opts.sets, opts.seed
+        ),
+        Grid::Small => println!(
+            "small batches: whole decode call (split + combine), median of {} launches rotating {} input sets \
+             ({timing})",
+            opts.iters, opts.sets
+        ),
+    }
+    println!("{}", report::table(opts.grid).header());
+    let batches = batches(&opts);
+    for &dtype in &opts.dtypes {
+        let causal = opts.causal(dtype, anchors);
+        let (pattern, q_pattern) = (random_pattern(&mut rng, dtype), random_pattern(&mut rng, dtype));
+        for batch in &batches {
+            let caches = Caches::new(&dev, &mut rng, dtype, batch.seqlens.clone(), opts.sets, &pattern)?;
+            for &(h_q, s_q) in &batch.heads {
+                let m = measure(be, &dev, &caches, dtype, h_q, s_q, causal, &opts, &q_pattern)?;
+                let anchor = batch.anchor(anchors, dtype, h_q, s_q, causal);
+                let row = Row::new(batch, dtype, (h_q, s_q), causal, m, anchor);
+                println!("{}", row.line());
+                let label = row.label();
+                rows.push(row);
+                save(&rows)?;
+                progress.step(&label);
             }
         }
     }

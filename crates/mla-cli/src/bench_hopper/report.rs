@@ -1,4 +1,4 @@
-//! The report: the tables' lines, the `--json` file, the `--plot` roofline.
+//! The report: the tables' lines (of the run and of `--dry-run`), the `--json` file, the `--plot` roofline.
 
 use std::path::Path;
 
@@ -6,12 +6,108 @@ use mla_core::{DType, MlaBackend};
 use serde::Serialize;
 
 use super::Options;
-use super::grid::Grid;
+use super::grid::{Batch, Grid, flops_bytes};
 use super::measure::{COPY_BYTES, Measured};
 use crate::anchors::AnchorSet;
 use crate::args::CliResult;
 use crate::plot::{self, Plot, Point};
-use crate::report::{pct, round, save_json};
+use crate::report::{Col, Table, or_dash, pct, round, save_json};
+
+/// The upstream grid's results, against upstream's figures (`anchor`, ms; `ratio` = anchor / ms).
+const UPSTREAM: Table = Table(&[
+    Col::left("dtype", 5),
+    Col::right("s_k", 6),
+    Col::right("h_q", 4),
+    Col::right("s_q", 3),
+    Col::left("mode", 6),
+    Col::right("cau", 3),
+    Col::right("ms", 9),
+    Col::right("TFLOPS", 8),
+    Col::right("GB/s", 8),
+    Col::right("anchor", 9),
+    Col::right("ratio", 7),
+    Col::right("sched_us", 8),
+]);
+
+/// The small batches' results, with the scheduler's cut (`splits`) and the host's µs per call.
+const SMALL: Table = Table(&[
+    Col::left("dtype", 5),
+    Col::right("b", 2),
+    Col::right("s_q", 3),
+    Col::right("h_q", 4),
+    Col::left("lengths", 28),
+    Col::right("splits", 6),
+    Col::right("us", 9),
+    Col::right("GB/s", 8),
+    Col::right("sched_us", 8),
+    Col::right("host_us", 8),
+    Col::right("sched_host", 10),
+]);
+
+/// `--dry-run` on the upstream grid: the configurations and upstream's figures.
+const DRY_UPSTREAM: Table = Table(&[
+    Col::left("dtype", 5),
+    Col::right("s_k", 6),
+    Col::right("h_q", 4),
+    Col::right("s_q", 3),
+    Col::left("mode", 6),
+    Col::right("cau", 3),
+    Col::right("b", 5),
+    Col::right("anchor", 9),
+]);
+
+/// `--dry-run` on the small batches.
+const DRY_SMALL: Table = Table(&[
+    Col::left("dtype", 5),
+    Col::right("b", 2),
+    Col::right("s_q", 3),
+    Col::right("h_q", 4),
+    Col::left("lengths", 28),
+    Col::right("cau", 3),
+]);
+
+/// The results table of `grid`.
+pub fn table(grid: Grid) -> Table {
+    match grid {
+        Grid::Upstream => UPSTREAM,
+        Grid::Small => SMALL,
+    }
+}
+
+/// The `--dry-run` table of `grid`.
+pub fn dry_run_table(grid: Grid) -> Table {
+    match grid {
+        Grid::Upstream => DRY_UPSTREAM,
+        Grid::Small => DRY_SMALL,
+    }
+}
+
+/// A configuration's line of `--dry-run`.
+pub fn dry_run_line(batch: &Batch, dtype: DType, h_q: usize, s_q: usize, causal: bool, anchor: Option<f64>) -> String {
+    let b = batch.seqlens.len();
+    match batch.grid {
+        Grid::Upstream => DRY_UPSTREAM.row(&[
+            &dtype.name(),
+            &or_dash(batch.s_k, 0),
+            &h_q,
+            &s_q,
+            &batch.mode,
+            &(causal as u8),
+            &b,
+            &or_dash(anchor, 3),
+        ]),
+        Grid::Small => DRY_SMALL.row(&[&dtype.name(), &b, &s_q, &h_q, &lengths_label(&batch.seqlens), &(causal as u8)]),
+    }
+}
+
+/// `4 x 1024` for equal lengths, else the list.
+fn lengths_label(seqlens: &[i32]) -> String {
+    if seqlens.iter().all(|&s| s == seqlens[0]) {
+        format!("{} x {}", seqlens.len(), seqlens[0])
+    } else {
+        format!("{seqlens:?}")
+    }
+}
 
 /// One row of the report.
 pub struct Row {
@@ -32,6 +128,80 @@ pub struct Row {
     pub tflops: f64,
     pub gbs: f64,
     pub anchor_ms: Option<f64>,
+}
+
+impl Row {
+    /// The row of `batch` at `h_q` and `s_q`, with upstream's formulas applied to the measured time.
+    pub fn new(
+        batch: &Batch,
+        dtype: DType,
+        (h_q, s_q): (usize, usize),
+        causal: bool,
+        m: Measured,
+        anchor_ms: Option<f64>,
+    ) -> Row {
+        let b = batch.seqlens.len();
+        let total_seqlen = batch.seqlens.iter().map(|&s| s.max(0) as usize).sum();
+        let (flops, bytes) = flops_bytes(dtype, total_seqlen, b, s_q, h_q);
+        Row {
+            grid: batch.grid,
+            dtype,
+            batch: b,
+            h_q,
+            s_q,
+            s_k: batch.s_k,
+            mode: batch.mode,
+            seqlens: (batch.grid == Grid::Small).then(|| batch.seqlens.clone()),
+            total_seqlen,
+            causal,
+            tflops: flops / (m.ms * 1e-3) / 1e12,
+            gbs: bytes / (m.ms * 1e-3) / 1e9,
+            anchor_ms,
+            m,
+        }
+    }
+
+    /// The row's line of its grid's table.
+    pub fn line(&self) -> String {
+        let us = |ms: f64| ms * 1e3;
+        match self.grid {
+            Grid::Upstream => UPSTREAM.row(&[
+                &self.dtype.name(),
+                &or_dash(self.s_k, 0),
+                &self.h_q,
+                &self.s_q,
+                &self.mode,
+                &(self.causal as u8),
+                &format!("{:.4}", self.m.ms),
+                &format!("{:.1}", self.tflops),
+                &format!("{:.0}", self.gbs),
+                &or_dash(self.anchor_ms, 3),
+                &or_dash(self.anchor_ms.map(|a| a / self.m.ms), 3),
+                &format!("{:.1}", us(self.m.sched_ms)),
+            ]),
+            Grid::Small => SMALL.row(&[
+                &self.dtype.name(),
+                &self.batch,
+                &self.s_q,
+                &self.h_q,
+                &lengths_label(self.seqlens.as_deref().unwrap_or_default()),
+                &self.m.splits,
+                &format!("{:.1}", us(self.m.ms)),
+                &format!("{:.0}", self.gbs),
+                &format!("{:.1}", us(self.m.sched_ms)),
+                &format!("{:.2}", self.m.host_us),
+                &format!("{:.2}", self.m.sched_host_us),
+            ]),
+        }
+    }
+
+    /// What the progress line names.
+    pub fn label(&self) -> String {
+        match &self.seqlens {
+            Some(seqlens) => format!("{} {}", self.dtype.name(), lengths_label(seqlens)),
+            None => format!("{} s_k={} h_q={} s_q={}", self.dtype.name(), or_dash(self.s_k, 0), self.h_q, self.s_q),
+        }
+    }
 }
 
 /// The run as `--json` writes it.
@@ -84,10 +254,6 @@ pub struct RowJson<'a> {
     ratio: Option<f64>,
 }
 
-pub fn grid_name(g: Grid) -> &'static str {
-    if g == Grid::Small { "small" } else { "upstream" }
-}
-
 /// The whole run as JSON: device, ceiling, anchors, options, one object per row.
 pub fn write_json(
     path: &Path,
@@ -105,7 +271,7 @@ pub fn write_json(
         kernels: mla_hopper::build_info(),
         ceilings: copy_gbs.map(|c| CeilJson { copy_gbs: round(c, 1), copy_bytes: COPY_BYTES }),
         anchors: anchors.file,
-        grid: grid_name(opts.grid),
+        grid: opts.grid.name(),
         iters: opts.iters,
         sets: opts.sets,
         timing: if opts.sync_each { "sync-each" } else { "queued" },
@@ -113,7 +279,7 @@ pub fn write_json(
         results: rows
             .iter()
             .map(|r| RowJson {
-                grid: grid_name(r.grid),
+                grid: r.grid.name(),
                 dtype: r.dtype.name(),
                 batch: r.batch,
                 h_q: r.h_q,
@@ -161,26 +327,4 @@ pub fn draw_plot(path: &Path, device: &str, copy_gbs: Option<f64>, anchors: &Anc
     plot::draw(&plot, path)?;
     println!("wrote {}", path.display());
     Ok(())
-}
-
-pub fn upstream_header() {
-    println!(
-        "{:<5} {:>6} {:>4} {:>3} {:<6} {:>3} {:>9} {:>8} {:>8} {:>9} {:>7} {:>8}",
-        "dtype", "s_k", "h_q", "s_q", "mode", "cau", "ms", "TFLOPS", "GB/s", "anchor", "ratio", "sched_us"
-    );
-}
-
-pub fn small_header() {
-    println!(
-        "{:<5} {:>2} {:>3} {:>4} {:<28} {:>6} {:>9} {:>8} {:>8} {:>8} {:>10}",
-        "dtype", "b", "s_q", "h_q", "lengths", "splits", "us", "GB/s", "sched_us", "host_us", "sched_host"
-    );
-}
-
-pub fn lengths_label(seqlens: &[i32]) -> String {
-    if seqlens.iter().all(|&s| s == seqlens[0]) {
-        format!("{} x {}", seqlens.len(), seqlens[0])
-    } else {
-        format!("{seqlens:?}")
-    }
 }

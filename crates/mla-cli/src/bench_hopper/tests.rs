@@ -4,7 +4,7 @@ use mla_core::{DType, MlaBackend};
 
 use super::grid::{Grid, costs, flops_bytes, small_configs, upstream_lengths};
 use super::measure::Measured;
-use super::report::{Row, write_json};
+use super::report::{self, Row, write_json};
 use super::{Options, parse};
 use crate::anchors::{AnchorSet, Which};
 
@@ -132,4 +132,57 @@ fn lengths_are_reproducible() {
     assert!(a.iter().all(|&s| s >= 2) && a.iter().any(|&s| s != 4096));
     assert_eq!(upstream_lengths(4, 8192, false, 7), vec![8192; 4]);
     assert_eq!(small_configs().len(), 17);
+}
+
+#[test]
+fn result_lines_keep_their_columns() {
+    // The lines the tables printed before they were declared as columns (same figures, same widths).
+    let m = |ms, sched_ms| Measured { ms, min_ms: ms, sched_ms, host_us: 9.513, sched_host_us: 4.0, splits: 140 };
+    let mut row = Row {
+        grid: Grid::Upstream,
+        dtype: DType::Bf16,
+        batch: 128,
+        h_q: 16,
+        s_q: 1,
+        s_k: Some(4096),
+        mode: "varlen",
+        seqlens: None,
+        total_seqlen: 128 * 4096,
+        causal: true,
+        m: m(0.23456, 0.0041),
+        tflops: 78.96,
+        gbs: 2600.4,
+        anchor_ms: Some(0.229),
+    };
+    let upstream = report::table(Grid::Upstream);
+    assert_eq!(
+        upstream.header(),
+        "dtype    s_k  h_q s_q mode   cau        ms   TFLOPS     GB/s    anchor   ratio sched_us"
+    );
+    assert_eq!(row.line(), "bf16    4096   16   1 varlen   1    0.2346     79.0     2600     0.229   0.976      4.1");
+    assert_eq!(row.label(), "bf16 s_k=4096 h_q=16 s_q=1");
+    row.anchor_ms = None;
+    assert_eq!(row.line(), "bf16    4096   16   1 varlen   1    0.2346     79.0     2600         -       -      4.1");
+    let small = Row {
+        grid: Grid::Small,
+        dtype: DType::E4M3,
+        batch: 4,
+        h_q: 16,
+        s_q: 4,
+        s_k: None,
+        mode: "list",
+        seqlens: Some(vec![4641, 45118, 1730, 1696]),
+        m: m(0.0345, 0.0042),
+        gbs: 1234.5,
+        ..row
+    };
+    assert_eq!(
+        report::table(Grid::Small).header(),
+        "dtype  b s_q  h_q lengths                      splits        us     GB/s sched_us  host_us sched_host"
+    );
+    assert_eq!(
+        small.line(),
+        "e4m3   4   4   16 [4641, 45118, 1730, 1696]       140      34.5     1234      4.2     9.51       4.00"
+    );
+    assert_eq!(small.label(), "e4m3 [4641, 45118, 1730, 1696]");
 }
