@@ -36,7 +36,7 @@ use std::path::PathBuf;
 use mla_core::DType;
 
 use self::grid::{Grid, Rng, batches, costs, dry_run};
-use self::measure::{Caches, Dev, measure, random_pattern};
+use self::measure::{GpuBench, random_pattern};
 use self::report::{Row, draw_plot, write_json};
 use crate::anchors::{ANCHOR_BATCH, AnchorSet, Which};
 use crate::args::{BenchArgs, CliResult};
@@ -182,7 +182,7 @@ pub fn run(args: &BenchArgs) -> CliResult {
     }
     let be = flashmla::open_backend("hopper", opts.ordinal)?;
     let be = be.as_ref();
-    let dev = Dev::new(opts.ordinal, opts.sync_each)?;
+    let gpu = GpuBench::open(be, &opts)?;
     let caps = be.capabilities();
     println!("device: {} ({} SMs), {}", caps.device_name, caps.sm_count, mla_hopper::build_info());
     let (which, own) = Which::for_device(&caps.device_name);
@@ -197,7 +197,7 @@ pub fn run(args: &BenchArgs) -> CliResult {
         anchors.device, anchors.file, anchors.date, anchors.copy_gbs
     );
     let anchors = &anchors;
-    let copy_gbs = if opts.ceilings { Some(dev.copy_gbs()?) } else { None };
+    let copy_gbs = if opts.ceilings { Some(gpu.copy_gbs()?) } else { None };
     if let Some(c) = copy_gbs {
         println!("copy ceiling: {c:.0} GB/s (2 GiB device-to-device, read + write)");
     }
@@ -227,9 +227,9 @@ pub fn run(args: &BenchArgs) -> CliResult {
         let causal = opts.causal(dtype, anchors);
         let (pattern, q_pattern) = (random_pattern(&mut rng, dtype), random_pattern(&mut rng, dtype));
         for batch in &batches {
-            let caches = Caches::new(&dev, &mut rng, dtype, batch.seqlens.clone(), opts.sets, &pattern)?;
+            let caches = gpu.caches(&mut rng, dtype, &batch.seqlens, &pattern)?;
             for &(h_q, s_q) in &batch.heads {
-                let m = measure(be, &dev, &caches, dtype, h_q, s_q, causal, &opts, &q_pattern)?;
+                let m = gpu.measure(&caches, h_q, s_q, causal, &q_pattern)?;
                 let anchor = batch.anchor(anchors, dtype, h_q, s_q, causal);
                 let row = Row::new(batch, dtype, (h_q, s_q), causal, m, anchor);
                 println!("{}", row.line());

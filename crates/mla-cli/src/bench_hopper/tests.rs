@@ -186,3 +186,34 @@ fn result_lines_keep_their_columns() {
     );
     assert_eq!(small.label(), "e4m3 [4641, 45118, 1730, 1696]");
 }
+
+#[test]
+fn patterns_are_the_former_per_element_encoding() {
+    use mla_core::dtype::{f32_to_bf16, f32_to_e4m3, f32_to_f16};
+    use mla_cpu::problem::Elems;
+
+    use super::grid::Rng;
+    use super::measure::random_pattern;
+
+    // The bytes a seed gave before the patterns became `Elems` (bf16/fp16 bits, e4m3 codes of 8·x).
+    for dtype in DType::ALL {
+        let (mut a, mut b) = (Rng::new(3), Rng::new(3));
+        let got = random_pattern(&mut a, dtype);
+        let mut want = Vec::new();
+        for _ in 0..got.len() {
+            let x = b.normal() as f32;
+            match dtype {
+                DType::Bf16 => want.extend_from_slice(&f32_to_bf16(x).to_le_bytes()),
+                DType::F16 => want.extend_from_slice(&f32_to_f16(x).to_le_bytes()),
+                DType::E4M3 => want.push(f32_to_e4m3(x * 8.0)),
+            }
+        }
+        let bytes: Vec<u8> = match got {
+            Elems::U16(v) => v.iter().flat_map(|x| x.to_le_bytes()).collect(),
+            Elems::U8(v) => v,
+        };
+        assert_eq!(bytes.len(), 16 << 20, "{dtype:?}");
+        assert!(bytes == want, "{dtype:?}");
+        assert_eq!(a.normal(), b.normal(), "{dtype:?}: as many draws");
+    }
+}
