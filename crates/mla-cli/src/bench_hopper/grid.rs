@@ -43,6 +43,7 @@ const NORMAL_FLOOR: f64 = 1e-300;
 pub struct Rng(u64);
 
 impl Rng {
+    /// The generator of `seed`.
     pub fn new(seed: u64) -> Self {
         // 0 would be a fixed point of the shifts.
         Rng((seed ^ SEED_MIX).wrapping_mul(SEED_SPREAD).max(1))

@@ -27,9 +27,9 @@
 //! `ratio` = upstream ms / our ms (> 1: faster than upstream). The device's copy bandwidth (2 GiB device-to-device,
 //! read + write counted) is measured first in the same run.
 
-mod grid;
-mod measure;
-mod report;
+mod grid; // the configurations: upstream's grid and the small batches, costs, --dry-run
+mod measure; // device buffers, CUDA-event timing, host µs per call
+mod report; // table lines, --json, --plot
 
 use std::path::PathBuf;
 

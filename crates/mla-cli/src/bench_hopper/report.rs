@@ -206,7 +206,7 @@ impl Row {
 
 /// The run as `--json` writes it.
 #[derive(Serialize)]
-pub struct RunJson<'a> {
+struct RunJson<'a> {
     backend: &'a str,
     device: &'a str,
     sm_count: usize,
@@ -223,13 +223,13 @@ pub struct RunJson<'a> {
 }
 
 #[derive(Serialize)]
-pub struct CeilJson {
+struct CeilJson {
     copy_gbs: f64,
     copy_bytes: usize,
 }
 
 #[derive(Serialize)]
-pub struct RowJson<'a> {
+struct RowJson<'a> {
     grid: &'static str,
     dtype: &'static str,
     batch: usize,
