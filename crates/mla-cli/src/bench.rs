@@ -27,6 +27,7 @@ use serde::Serialize;
 use crate::args::{BenchArgs, CliResult};
 use crate::plot::{self, Plot, Point};
 use crate::progress::Progress;
+use crate::report::{Col, Table, or_dash, pct, round, save_json};
 use crate::{cli_err, exec, sparse};
 
 /// Options of the GPU benchmark, rejected here by name.
@@ -125,6 +126,24 @@ fn measure(backend: &dyn MlaBackend, spec: &Spec, min_iters: usize, min_time: f6
 
 /// Most timed calls of one configuration.
 const MAX_ITERS: usize = 1000;
+
+/// The table of results; a last column, the bound, follows two spaces after it.
+const TABLE: Table = Table(&[
+    Col::left("grid", 9),
+    Col::left("dtype", 6),
+    Col::right("h_q", 5),
+    Col::right("h_kv", 4),
+    Col::right("s_q", 4),
+    Col::right("b", 3),
+    Col::right("Σs_k", 8),
+    Col::right("ms", 10),
+    Col::right("GB/s", 9),
+    Col::right("GFLOP/s", 9),
+    Col::right("copy", 6),
+    Col::right("fma", 6),
+    Col::right("%copy", 7),
+    Col::right("%fma", 7),
+]);
 
 /// One measured configuration.
 struct Row {
@@ -312,12 +331,6 @@ struct RowJson {
     pct_fma_peak: Option<f64>,
 }
 
-/// `x` rounded to `digits` decimals (the figures are measurements: more digits are noise in the file).
-pub fn round(x: f64, digits: i32) -> f64 {
-    let p = 10f64.powi(digits);
-    (x * p).round() / p
-}
-
 fn write_json(path: &Path, device: &str, backend: &str, ceil: Option<Ceilings>, rows: &[Row]) -> CliResult {
     let run = RunJson {
         backend,
@@ -331,7 +344,6 @@ fn write_json(path: &Path, device: &str, backend: &str, ceil: Option<Ceilings>, 
             .iter()
             .map(|r| {
                 let sp = r.cfg.shape();
-                let pct = |x: f64, of: Option<f64>| of.map(|o| round(100.0 * x / o, 1));
                 RowJson {
                     grid: r.cfg.grid,
                     dtype: sp.dtype,
@@ -358,12 +370,6 @@ fn write_json(path: &Path, device: &str, backend: &str, ceil: Option<Ceilings>, 
             .collect(),
     };
     save_json(path, &run)
-}
-
-/// Writes `value` as pretty-printed JSON.
-pub fn save_json(path: &Path, value: &impl Serialize) -> CliResult {
-    let text = serde_json::to_string_pretty(value).map_err(|e| cli_err!("--json {}: {e}", path.display()))?;
-    std::fs::write(path, text + "\n").map_err(|e| cli_err!("--json {}: cannot write: {e}", path.display()))
 }
 
 /// Runs `flashmla bench`: `--from-json` plots a saved run; `--backend hopper` (and `auto` where the Hopper
@@ -450,10 +456,7 @@ pub fn run(args: &BenchArgs) -> CliResult {
             "(copy and FMA are re-measured next to every row, the %s are against those: the load of a shared machine changes)"
         );
     }
-    println!(
-        "{:<9} {:<6} {:>5} {:>4} {:>4} {:>3} {:>8} {:>10} {:>9} {:>9} {:>6} {:>6} {:>7} {:>7}  bound",
-        "grid", "dtype", "h_q", "h_kv", "s_q", "b", "Σs_k", "ms", "GB/s", "GFLOP/s", "copy", "fma", "%copy", "%fma"
-    );
+    println!("{}  bound", TABLE.header());
     let mut rows = Vec::new();
     // Each row's weight in the estimate of the time left: its FLOPs, plus one --min-time's worth of the mean so
     // that small rows, which still time at least --min-time, are not counted as free.
@@ -475,34 +478,31 @@ pub fn run(args: &BenchArgs) -> CliResult {
             gflops: m.flops / t / 1e9,
             cfg,
         };
-        let (copy, fma, pbw, pfma, bound) = match local {
-            Some(c) => {
-                let intensity = m.flops / m.bytes;
-                (
-                    format!("{:.1}", c.copy_gbs),
-                    format!("{:.1}", c.fma_gflops),
-                    format!("{:.0}", 100.0 * row.gbs / c.copy_gbs),
-                    format!("{:.0}", 100.0 * row.gflops / c.fma_gflops),
-                    if intensity < c.fma_gflops / c.copy_gbs { "memory" } else { "compute" },
-                )
-            }
-            None => ("-".into(), "-".into(), "-".into(), "-".into(), "-"),
+        let copy = local.map(|c| c.copy_gbs);
+        let fma = local.map(|c| c.fma_gflops);
+        let bound = match local {
+            Some(c) if m.flops / m.bytes < c.fma_gflops / c.copy_gbs => "memory",
+            Some(_) => "compute",
+            None => "-",
         };
         let sp = row.cfg.shape();
-        println!(
-            "{:<9} {:<6} {:>5} {:>4} {:>4} {:>3} {:>8} {:>10.3} {:>9.1} {:>9.1} {copy:>6} {fma:>6} {pbw:>7} {pfma:>7}  \
-             {bound}",
-            row.cfg.grid,
-            sp.dtype,
-            sp.h_q,
-            sp.h_kv,
-            sp.s_q,
-            sp.batch,
-            row.total_seqlen,
-            t * 1e3,
-            row.gbs,
-            row.gflops,
-        );
+        let cells = TABLE.row(&[
+            &row.cfg.grid,
+            &sp.dtype,
+            &sp.h_q,
+            &sp.h_kv,
+            &sp.s_q,
+            &sp.batch,
+            &row.total_seqlen,
+            &format!("{:.3}", t * 1e3),
+            &format!("{:.1}", row.gbs),
+            &format!("{:.1}", row.gflops),
+            &or_dash(copy, 1),
+            &or_dash(fma, 1),
+            &or_dash(copy.map(|c| 100.0 * row.gbs / c), 0),
+            &or_dash(fma.map(|f| 100.0 * row.gflops / f), 0),
+        ]);
+        println!("{cells}  {bound}");
         progress.step(&format!("{} {} h_q={} s_q={}", row.cfg.grid, sp.dtype, sp.h_q, sp.s_q));
         rows.push(row);
     }

@@ -29,6 +29,7 @@ mod npy;
 mod plan;
 mod plot;
 mod progress;
+mod report;
 mod sparse;
 
 use std::process::ExitCode;
