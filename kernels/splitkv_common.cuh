@@ -83,6 +83,17 @@ __device__ __forceinline__ uint32_t pack_p(float lo, float hi) {
   }
 }
 
+// The sum of the two values pack_p packed, as the tensor cores read them (after rounding).
+template <int KIND>
+__device__ __forceinline__ float packed_sum(uint32_t v) {
+  if constexpr (KIND == KIND_BF16) {
+    return __uint_as_float(v << 16) + __uint_as_float(v & 0xffff0000u);
+  } else {
+    const __half2 h = *reinterpret_cast<const __half2*>(&v);
+    return __low2float(h) + __high2float(h);
+  }
+}
+
 // The slice of one request that a CTA's scheduler part covers, and where its result goes.
 struct RequestSlice {
   int s_k;          // the request's length (0 for a negative length)
@@ -125,10 +136,11 @@ __device__ __forceinline__ int row_limit(const DecodeParams& p, int s_k, int rg)
 // Writes this thread's two rows of its warpgroup's 256 output columns: O / l (times v_scale, the e4m3 V descale)
 // to out and lse = ln(2^m · l) for a whole request, or the normalised partial and its log2-domain lse to the
 // workspace for a split. A row with l = 0 (or NaN) saw nothing: out = 0, lse = +inf (partial lse = −inf).
+// `l` normalises O; `l_lse` (WG0's; the same as `l` unless MLA_ROUNDED_SUM_NORM) goes into lse.
 template <bool OUT_F16>
 __device__ __forceinline__ void store_rows(const float (&o)[128], const DecodeParams& p, const RequestSlice& r, int req,
                                            int kv_head, int tile_row0, int row_a, int quad, int wg, const float (&m)[2],
-                                           const float (&l)[2], float v_scale) {
+                                           const float (&l)[2], const float (&l_lse)[2], float v_scale) {
   using Out = typename std::conditional<OUT_F16, __half, __nv_bfloat16>::type;
 #pragma unroll
   for (int h = 0; h < 2; ++h) {
@@ -149,7 +161,7 @@ __device__ __forceinline__ void store_rows(const float (&o)[128], const DecodePa
       }
       if (wg == 0 && quad == 0) {
         p.lse[req * p.lse_stride_b + head * p.lse_stride_h + t * p.lse_stride_t] =
-            empty ? INFINITY : (m[h] + log2f(l[h])) * LN2;
+            empty ? INFINITY : (m[h] + log2f(l_lse[h])) * LN2;
       }
     } else {
       const int64_t prow = (static_cast<int64_t>(r.split_row) * p.h_kv + kv_head) * p.q_seq_per_hk + rg;
@@ -159,7 +171,7 @@ __device__ __forceinline__ void store_rows(const float (&o)[128], const DecodePa
         *reinterpret_cast<float2*>(orow + col0 + 8 * jj) =
             make_float2(o[4 * jj + 2 * h] * inv, o[4 * jj + 2 * h + 1] * inv);
       }
-      if (wg == 0 && quad == 0) p.lse_accum[prow] = empty ? -INFINITY : m[h] + log2f(l[h]);
+      if (wg == 0 && quad == 0) p.lse_accum[prow] = empty ? -INFINITY : m[h] + log2f(l_lse[h]);
     }
   }
 }

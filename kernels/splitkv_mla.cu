@@ -41,6 +41,13 @@ constexpr int BAR_V_READY = 4;   // WG1 → WG0 (e4m3): V(i) converted into sV
 // halved the largest output error at large logits (then equal to upstream's): with a stale reference, P of a row's
 // dominant logit is above 1 and is rounded when packed to 16 bits, where exactly it would be 1.
 constexpr float RESCALE_SLACK_LOG2 = 8.0f;
+// A/B switch, off by default (not yet measured): with MLA_ROUNDED_SUM_NORM=1 the 16-bit kernels normalise O by the
+// sum of P as packed to 16 bits (what the tensor cores multiply), so out is an exact convex combination of V rows
+// and the rounding of a dominant P cancels; lse keeps the unrounded sum. Aimed at the accuracy cost of the slack
+// above without its speed cost: ~64 more ALU instructions per thread and page in WG0's softmax.
+#ifndef MLA_ROUNDED_SUM_NORM
+#define MLA_ROUNDED_SUM_NORM 0
+#endif
 constexpr int SOFTMAX_ROW_ELEMS = 16;  // logits of one row per thread and page (64 tokens over a quad of lanes)
 static_assert(SOFTMAX_ROW_ELEMS == 16, "the max tree below is written out for 16 logits");
 constexpr int SOFTMAX_SUM_PARTS = 4;   // partial sums per row
@@ -379,6 +386,7 @@ __device__ __forceinline__ void splitkv_body(const CUtensorMap* tmap_k, const CU
     for (int i = 0; i < 128; ++i) o[i] = 0.0f;
     float m_run[2] = {-INFINITY, -INFINITY};
     float l_run[2] = {0.0f, 0.0f};
+    float l_norm[2] = {0.0f, 0.0f};  // MLA_ROUNDED_SUM_NORM: the sum of the packed P, same reference as l_run
 
     // Page i of the slice in buffer `buf`, once its load has landed (both warpgroups wait for every page).
     const auto wait_page = [&](int i, int buf) {
@@ -492,6 +500,7 @@ __device__ __forceinline__ void splitkv_body(const CUtensorMap* tmap_k, const CU
             }
           }
         } else {
+          float rounded[2] = {0.0f, 0.0f};
 #pragma unroll
           for (int kk = 0; kk < 4; ++kk) {
 #pragma unroll
@@ -500,7 +509,12 @@ __device__ __forceinline__ void splitkv_body(const CUtensorMap* tmap_k, const CU
               const int row = row_a + 8 * (q & 1);
               const int col = 16 * kk + 8 * (q >> 1) + 2 * quad;
               *reinterpret_cast<uint32_t*>(gp + swz128(row, col / 8) + (col % 8) * 2) = pa[kk][q];
+              if constexpr (MLA_ROUNDED_SUM_NORM) rounded[q & 1] += packed_sum<KIND>(pa[kk][q]);
             }
+          }
+          if constexpr (MLA_ROUNDED_SUM_NORM) {
+#pragma unroll
+            for (int h = 0; h < 2; ++h) l_norm[h] = l_norm[h] * row_scale[h] + rounded[h];
           }
         }
         if (quad == 0) {
@@ -562,12 +576,22 @@ __device__ __forceinline__ void splitkv_body(const CUtensorMap* tmap_k, const CU
     }
 
     // Epilogue: WG0 owns the softmax statistics; both warpgroups write their 256 columns.
+    // ROW_L holds the normaliser of O (the packed-P sum under MLA_ROUNDED_SUM_NORM); WG0 keeps the unrounded sum
+    // for lse.
+    constexpr bool ROUNDED_NORM = MLA_ROUNDED_SUM_NORM && !Tr::FP8;
+    float l_lse[2] = {0.0f, 0.0f};
     if (wg == 0) {
 #pragma unroll
       for (int h = 0; h < 2; ++h) {
         float l = l_run[h];
         l += __shfl_xor_sync(0xffffffff, l, 1);
         l += __shfl_xor_sync(0xffffffff, l, 2);
+        l_lse[h] = l;
+        if constexpr (ROUNDED_NORM) {
+          l = l_norm[h];
+          l += __shfl_xor_sync(0xffffffff, l, 1);
+          l += __shfl_xor_sync(0xffffffff, l, 2);
+        }
         if (quad == 0) {
           s_row_m[row_a + 8 * h] = m_run[h];
           s_row_l[row_a + 8 * h] = l;
@@ -577,7 +601,11 @@ __device__ __forceinline__ void splitkv_body(const CUtensorMap* tmap_k, const CU
     __syncthreads();
     const float m[2] = {s_row_m[row_a], s_row_m[row_a + 8]};
     const float l[2] = {s_row_l[row_a], s_row_l[row_a + 8]};
-    store_rows<Tr::OUT_F16>(o, p, r, req, kv_head, tile_row0, row_a, quad, wg, m, l, v_scale);
+    if constexpr (ROUNDED_NORM) {
+      store_rows<Tr::OUT_F16>(o, p, r, req, kv_head, tile_row0, row_a, quad, wg, m, l, l_lse, v_scale);
+    } else {
+      store_rows<Tr::OUT_F16>(o, p, r, req, kv_head, tile_row0, row_a, quad, wg, m, l, l, v_scale);
+    }
     __syncthreads();  // s_row_m / s_row_l and sQ are reused by the next request
   }
 }
