@@ -83,18 +83,17 @@
 
 use std::ffi::c_void;
 use std::marker::PhantomData;
-use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::Arc;
 
 #[doc(no_inline)]
 pub use cudarc;
 #[doc(no_inline)]
 pub use cudarc::driver::{CudaContext, CudaSlice, CudaStream, CudaView, CudaViewMut, DriverError};
-use cudarc::driver::{DevicePtr, DevicePtrMut, DeviceRepr, SyncOnDrop, result, sys};
+use cudarc::driver::{DevicePtr, DevicePtrMut, DeviceRepr, SyncOnDrop, sys};
 use mla_core::tensor::{MAX_NDIM, contiguous_strides};
 use mla_core::{Device, Error, Result, ScalarType, TensorDesc, Workspace};
 
-use crate::error::{HopperError, panic_message};
+use crate::error::{HopperError, no_panic, open_primary_context};
 
 mod sealed {
     /// Only this module's element types can be viewed.
@@ -427,26 +426,11 @@ impl Gpu {
     /// Opens CUDA device `ordinal`. Errors with [`Error::Unavailable`] (no driver, no such device) instead of
     /// panicking, as [`crate::HopperBackend::new`]; any GPU will do (no compute-capability check).
     pub fn open(ordinal: i32) -> Result<Gpu> {
-        match catch_unwind(AssertUnwindSafe(|| Self::open_inner(ordinal))) {
-            Ok(r) => r.map_err(Error::from),
-            Err(p) => Err(HopperError::Panic(panic_message(p)).into()),
-        }
-    }
-
-    fn open_inner(ordinal: i32) -> Result<Gpu, HopperError> {
-        let init = |call| move |source| HopperError::Init { call, source };
-        // SAFETY: probing for the library has no preconditions; it only dlopens candidate names.
-        if !unsafe { sys::is_culib_present() } {
-            return Err(HopperError::NoDriver);
-        }
-        result::init().map_err(init("cuInit"))?;
-        let count = result::device::get_count().map_err(init("cuDeviceGetCount"))?;
-        if ordinal < 0 || ordinal >= count {
-            return Err(HopperError::NoDevice { ordinal, count });
-        }
-        let ctx = CudaContext::new(ordinal as usize).map_err(init("cuDevicePrimaryCtxRetain"))?;
-        let stream = ctx.default_stream();
-        Ok(Gpu { ctx, stream })
+        no_panic(|| {
+            let ctx = open_primary_context(ordinal)?;
+            let stream = ctx.default_stream();
+            Ok(Gpu { ctx, stream })
+        })
     }
 
     /// The device's primary context.

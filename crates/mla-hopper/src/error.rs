@@ -88,3 +88,28 @@ pub(crate) fn panic_message(p: Box<dyn std::any::Any + Send>) -> String {
         .or_else(|| p.downcast_ref::<String>().cloned())
         .unwrap_or_else(|| "unknown panic".into())
 }
+
+/// Runs `f` with panics from the driver bindings turned into [`HopperError::Panic`]: opening a device never
+/// unwinds into the caller.
+pub(crate) fn no_panic<T>(f: impl FnOnce() -> Result<T, HopperError>) -> mla_core::Result<T> {
+    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)) {
+        Ok(r) => r.map_err(mla_core::Error::from),
+        Err(p) => Err(HopperError::Panic(panic_message(p)).into()),
+    }
+}
+
+/// The primary context of CUDA device `ordinal`: `NoDriver` / `NoDevice` where there is none.
+pub(crate) fn open_primary_context(ordinal: i32) -> Result<std::sync::Arc<cudarc::driver::CudaContext>, HopperError> {
+    use cudarc::driver::{CudaContext, result, sys};
+    let init = |call| move |source| HopperError::Init { call, source };
+    // SAFETY: probing for the library has no preconditions; it only dlopens candidate names.
+    if !unsafe { sys::is_culib_present() } {
+        return Err(HopperError::NoDriver);
+    }
+    result::init().map_err(init("cuInit"))?;
+    let count = result::device::get_count().map_err(init("cuDeviceGetCount"))?;
+    if ordinal < 0 || ordinal >= count {
+        return Err(HopperError::NoDevice { ordinal, count });
+    }
+    CudaContext::new(ordinal as usize).map_err(init("cuDevicePrimaryCtxRetain"))
+}

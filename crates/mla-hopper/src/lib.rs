@@ -20,7 +20,7 @@
 //! loads); `out` 4-byte aligned with even strides; a workspace of at least [`MlaBackend::workspace_size`] bytes,
 //! 16-byte aligned. Tokens past `max_blocks_per_seq · 64` are never read, even if `cache_seqlens` claims more.
 
-use std::panic::{AssertUnwindSafe, catch_unwind};
+use std::panic::catch_unwind;
 use std::sync::Arc;
 
 use cudarc::driver::{CudaContext, CudaFunction, CudaModule, result, sys};
@@ -35,7 +35,7 @@ mod params;
 mod tma;
 
 pub use error::HopperError;
-use error::{check, panic_message};
+use error::check;
 use params::{CombineParams, DecodeParams, MetadataParams};
 
 /// Whether the sm_90a kernels were compiled into this build.
@@ -126,24 +126,12 @@ impl HopperBackend {
         if !KERNELS_BUILT {
             return Err(HopperError::KernelsNotBuilt(build_info()).into());
         }
-        match catch_unwind(AssertUnwindSafe(|| Self::open(ordinal))) {
-            Ok(r) => r.map_err(Error::from),
-            Err(p) => Err(HopperError::Panic(panic_message(p)).into()),
-        }
+        error::no_panic(|| Self::open(ordinal))
     }
 
     fn open(ordinal: i32) -> Result<Self, HopperError> {
         let init = |call| move |source| HopperError::Init { call, source };
-        // SAFETY: probing for the library has no preconditions.
-        if !unsafe { sys::is_culib_present() } {
-            return Err(HopperError::NoDriver);
-        }
-        result::init().map_err(init("cuInit"))?;
-        let count = result::device::get_count().map_err(init("cuDeviceGetCount"))?;
-        if ordinal < 0 || ordinal >= count {
-            return Err(HopperError::NoDevice { ordinal, count });
-        }
-        let ctx = CudaContext::new(ordinal as usize).map_err(init("cuDevicePrimaryCtxRetain"))?;
+        let ctx = error::open_primary_context(ordinal)?;
         // SAFETY: called right after creating the context, before any allocation; the backend orders all its
         // work on the caller's stream itself (and needs no events, which would break graph capture).
         unsafe { ctx.disable_event_tracking() };

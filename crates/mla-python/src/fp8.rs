@@ -76,15 +76,7 @@ pub fn decode<'py>(
             tile_scheduler_metadata.get_type().name()?,
         ));
     };
-    if num_splits.is_some_and(|n| !n.is_none()) {
-        return Err(invalid(
-            py,
-            FUNC,
-            "num_splits",
-            "None when tile_scheduler_metadata is a FlashMLASchedMeta",
-            "a value",
-        ));
-    }
+    crate::no_num_splits_with_schedule(py, num_splits)?;
     // q is bf16 (raw uint16 bits allowed for NumPy); the caches are bytes: uint8/int8 or float8_e4m3fn.
     let qa = describe(py, FUNC, "q", q, q_hint.or(Some(ScalarType::Bf16)))?;
     let ka = describe(py, FUNC, "k_cache", k_cache, Some(ScalarType::E4M3))?;

@@ -152,6 +152,20 @@ fn get_mla_metadata<'py>(
     PyTuple::new(py, [meta, splits])
 }
 
+/// With a `FlashMLASchedMeta` (upstream HEAD's convention) `num_splits` must be None: the schedule holds its own.
+fn no_num_splits_with_schedule(py: Python<'_>, num_splits: Option<&Bound<'_, PyAny>>) -> PyResult<()> {
+    if num_splits.is_some_and(|n| !n.is_none()) {
+        return Err(invalid(
+            py,
+            FUNC_DECODE,
+            "num_splits",
+            "None when tile_scheduler_metadata is a FlashMLASchedMeta",
+            "a value",
+        ));
+    }
+    Ok(())
+}
+
 /// The shapes a schedule was made for (upstream HEAD's `FlashMLASchedMeta.Config`, plus the device).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 struct ScheduleConfig {
@@ -427,15 +441,7 @@ fn flash_mla_with_kvcache<'py>(
 
     // The scheduler's output: the caller's tensors (2025), or a HEAD schedule filled on first use.
     let (meta_obj, splits_obj) = if let Ok(sched) = tile_scheduler_metadata.cast::<Schedule>() {
-        if num_splits.is_some_and(|n| !n.is_none()) {
-            return Err(invalid(
-                py,
-                FUNC,
-                "num_splits",
-                "None when tile_scheduler_metadata is a FlashMLASchedMeta",
-                "a value",
-            ));
-        }
+        no_num_splits_with_schedule(py, num_splits)?;
         let page = match ka.dims() {
             [_, p, _, _] => *p,
             _ => 0,
