@@ -22,6 +22,7 @@ constexpr int SPLITS_IN_FLIGHT_MANY = 4;
 
 template <bool OUT_F16, int SPLITS_IN_FLIGHT>
 __device__ __forceinline__ void combine_body(const CombineParams& p) {
+  grid_dependency_wait();  // the partials come from the split kernel, num_splits from the scheduler
   const int req = blockIdx.x;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int row_id = blockIdx.y * COMBINE_WARPS + warp;  // kv_head * q_seq_per_hk + folded row

@@ -108,6 +108,9 @@ extern "C" __global__ void __launch_bounds__(mla::SCHED_THREADS)
   int32_t* const splits = staged ? s_dyn + b : p.num_splits;
   int32_t* const rows = rows_staged ? s_rows : p.metadata;
 
+  // cache_seqlens may come from the previous kernel; the split kernel that follows waits for this whole grid.
+  grid_dependency_wait();
+  allow_dependent_launch();
   long long mine = 0;
   for (int i = tid; i < b; i += SCHED_THREADS) {
     const int len = max(p.seqlens[i], 0);

@@ -33,6 +33,18 @@ __device__ __forceinline__ void named_barrier_arrive(int id, int count) {
   asm volatile("bar.arrive %0, %1;\n" ::"r"(id), "r"(count) : "memory");
 }
 
+// Programmatic dependent launch (the host launches with it when FLASHMLA_HOPPER_PDL=1): a grid may be scheduled
+// before the previous grid on its stream has finished. Every kernel calls grid_dependency_wait before its first
+// global-memory access: it returns once the grids this one depends on have completed and their writes are visible,
+// and at once for a grid launched without the attribute. (Compiled; not yet run on a GPU, unlike the lines above.)
+__device__ __forceinline__ void grid_dependency_wait() { asm volatile("griddepcontrol.wait;\n" ::: "memory"); }
+
+// Lets the stream's next grid, if launched with the attribute, be scheduled once every CTA of this grid has called
+// this or exited; its CTAs then wait in grid_dependency_wait, so only its launch latency overlaps this grid's tail.
+__device__ __forceinline__ void allow_dependent_launch() {
+  asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
+}
+
 __device__ __forceinline__ void mbar_init(uint32_t bar, uint32_t arrivals) {
   asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(bar), "r"(arrivals) : "memory");
 }

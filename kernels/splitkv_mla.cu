@@ -339,6 +339,7 @@ __device__ __forceinline__ void splitkv_body(const CUtensorMap* tmap_k, const CU
   const int m_block = blockIdx.x;
   const int kv_head = blockIdx.y;
   const int32_t* md = p.metadata + blockIdx.z * METADATA_WORDS;
+  grid_dependency_wait();  // the metadata, Q and the cache may come from the previous kernels on the stream
   const int begin_req = md[0], end_req = md[1];
   if (begin_req > end_req) return;  // an empty part
 
@@ -574,6 +575,9 @@ __device__ __forceinline__ void splitkv_body(const CUtensorMap* tmap_k, const CU
         if (i + 1 < nblk) named_barrier_arrive(BAR_SP_FREE, NUM_THREADS);
       }
     }
+
+    // The combine may be scheduled once every CTA is this far (it waits for the whole grid before reading).
+    if (req == end_req) allow_dependent_launch();
 
     // Epilogue: WG0 owns the softmax statistics; both warpgroups write their 256 columns.
     // ROW_L holds the normaliser of O (the packed-P sum under MLA_ROUNDED_SUM_NORM); WG0 keeps the unrounded sum

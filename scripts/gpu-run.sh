@@ -28,6 +28,10 @@
 # `flashmla bench --backend hopper $AB_ARGS`. With $BIN/anchors-h200.json present, the summary adds each row's ratio
 # to upstream's H200 figure. GPU_BIN picks another folder than gpu-bin. Logs are packed into $OUT/logs.tgz at the end
 # (the device tool returns at most 8 files).
+#
+# Programmatic dependent launch A/B (step `pdl`, not in the default list): with FLASHMLA_HOPPER_PDL=1 the GPU tests
+# (graph replay included), memcheck and racecheck, then `flashmla bench --grid small` and $PDL_ARGS on the upstream
+# grid with PDL off and on, PDL_ROUNDS times (default 2) interleaved.
 set -uo pipefail
 OUT="${OUT:-/tmp/flashmla-gpu}"
 LOGS="$OUT/logs"
@@ -36,6 +40,8 @@ BIN="${GPU_BIN:-gpu-bin}"
 STEPS="${GPU_STEPS:-tests conformance example memcheck racecheck bench small cli python}"
 AB_ARGS="${AB_ARGS:---dtype bf16,e4m3 --sk 4096,16384 --h-q 16,128 --s-q 1,2 --varlen fixed}"
 AB_ROUNDS="${AB_ROUNDS:-2}"
+PDL_ARGS="${PDL_ARGS:---dtype bf16,e4m3 --sk 4096 --h-q 16,128 --s-q 1 --varlen fixed}"
+PDL_ROUNDS="${PDL_ROUNDS:-2}"
 UPSTREAM="${UPSTREAM:-/tmp/up/fm9}"
 pack_logs() { (cd "$OUT" && tar czf logs.tgz logs && rm -rf logs); }
 trap pack_logs EXIT
@@ -100,6 +106,20 @@ for step in $STEPS; do
               done
             done ;;
         esac ;;
+    pdl) { FLASHMLA_HOPPER_PDL=1 timeout 240 "$BIN/hopper-gpu-tests" --test-threads=1 --nocapture 2>&1 | sed 's/^/tests: /'
+        FLASHMLA_HOPPER_PDL=1 FLASHMLA_QUICK=1 timeout "${SAN_TIMEOUT:-200}" compute-sanitizer --tool memcheck \
+          --error-exitcode 9 "$BIN/hopper-gpu-tests" --test-threads=1 2>&1 | sed 's/^/memcheck: /'
+        FLASHMLA_HOPPER_PDL=1 FLASHMLA_QUICK=1 timeout "${SAN_TIMEOUT:-200}" compute-sanitizer --tool racecheck \
+          --error-exitcode 9 "$BIN/hopper-gpu-tests" --test-threads=1 decode_matches_reference 2>&1 | sed 's/^/racecheck: /'
+        for round in $(seq 1 "$PDL_ROUNDS"); do
+          for pdl in 0 1; do
+            echo "== round $round FLASHMLA_HOPPER_PDL=$pdl"
+            FLASHMLA_HOPPER_PDL=$pdl timeout 120 "$BIN/flashmla" bench --backend hopper --grid small \
+              --json "$LOGS/pdl$pdl-small-r$round.json" 2>&1
+            FLASHMLA_HOPPER_PDL=$pdl timeout 120 "$BIN/flashmla" bench --backend hopper \
+              --json "$LOGS/pdl$pdl-grid-r$round.json" $PDL_ARGS 2>&1
+          done
+        done; } >"$LOGS/pdl.log" 2>&1 ;;
     ab) for round in $(seq 1 "$AB_ROUNDS"); do
           for cubin in "$BIN"/variants/*.cubin; do
             v=$(basename "$cubin" .cubin)
@@ -147,6 +167,8 @@ for head, ks in rows:
     print(head + ": " + ", ".join(ks))
 PY
         ;;
+    pdl) grep -E "^(tests|memcheck|racecheck): (test result|.*FAIL|.*panicked|.*ERROR SUMMARY|.*RACECHECK SUMMARY)|^== round" "$log" | head -30
+        grep -vE "^(tests|memcheck|racecheck):|^\s*$" "$log" | tail -120 ;;
     ncu) grep -E "^== ncu|Throughput|Duration|Busy|Pipe|Hit Rate|Bandwidth|Executed Ipc|Issue Slots|Mem Busy" "$log" | head -60 ;;
     ab) grep -E "^== |^e4m3 amp|test result|copy ceiling" "$log" | head -60
         python3 - "$LOGS" "$BIN/anchors-h200.json" <<'PY'

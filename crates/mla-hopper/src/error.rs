@@ -57,6 +57,16 @@ pub enum HopperError {
         /// The I/O error.
         source: std::io::Error,
     },
+    /// A development switch of the environment has a value the backend does not know.
+    #[error("${var}={value:?}: expected {expected}")]
+    EnvValue {
+        /// The environment variable.
+        var: &'static str,
+        /// Its value.
+        value: String,
+        /// The values it takes.
+        expected: &'static str,
+    },
     /// The CUDA bindings panicked (e.g. a missing driver symbol); caught so callers never see a panic.
     #[error("the CUDA bindings panicked: {0}")]
     Panic(String),

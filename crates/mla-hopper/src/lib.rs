@@ -59,6 +59,22 @@ mod cubins {
 /// shared-memory plan) instead of the embedded one. `docs/gpu.md` describes the workflow.
 pub const SPLITKV_CUBIN_ENV: &str = "FLASHMLA_HOPPER_SPLITKV_CUBIN";
 
+/// Development switch for A/B measurements of programmatic dependent launch: `1` launches the three kernels with
+/// `CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION`, so that each may be scheduled while the previous kernel
+/// on the stream finishes (every kernel waits for it with `griddepcontrol.wait` before touching global memory, and
+/// the split kernel lets the combine be scheduled before its epilogue); unset or `0` launches them plainly. Off by
+/// default until it has been measured on a GPU (`docs/gpu.md`).
+pub const PDL_ENV: &str = "FLASHMLA_HOPPER_PDL";
+
+/// [`PDL_ENV`]'s value: unset, empty or `0` is off, `1` on; anything else an error naming the variable.
+fn pdl_switch(value: Option<String>) -> Result<bool, HopperError> {
+    match value.as_deref() {
+        None | Some("" | "0") => Ok(false),
+        Some("1") => Ok(true),
+        Some(_) => Err(HopperError::EnvValue { var: PDL_ENV, value: value.unwrap_or_default(), expected: "0 or 1" }),
+    }
+}
+
 /// Tokens per KV page: one kernel tile, one scheduler block (`PAGE_TOKENS` of kernels/mla_params.h).
 pub const PAGE_SIZE: usize = mla_core::scheduler::BLOCK_SIZE_N;
 /// Threads per CTA of the split kernel (two warpgroups).
@@ -117,6 +133,8 @@ pub struct HopperBackend {
     caps: Capabilities,
     ctx: Arc<CudaContext>,
     kernels: Kernels,
+    /// Launch with programmatic dependent launch ([`PDL_ENV`]).
+    pdl: bool,
 }
 
 impl HopperBackend {
@@ -143,6 +161,7 @@ impl HopperBackend {
         let sm_count = ctx
             .attribute(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
             .map_err(init("cuDeviceGetAttribute"))?;
+        let pdl = pdl_switch(std::env::var(PDL_ENV).ok())?;
         let kernels = Self::load_kernels(&ctx)?;
         let caps = Capabilities {
             backend: "hopper",
@@ -155,7 +174,7 @@ impl HopperBackend {
             page_sizes: PageSizes::Only(vec![PAGE_SIZE]),
             fp8: Fp8Capabilities::none(),
         };
-        Ok(HopperBackend { caps, ctx, kernels })
+        Ok(HopperBackend { caps, ctx, kernels, pdl })
     }
 
     #[cfg(mla_no_kernels)]
@@ -200,7 +219,9 @@ impl HopperBackend {
         })
     }
 
-    /// Launches `f` with `params` (pointers to each argument) on `stream`.
+    /// Launches `f` with `params` (pointers to each argument) on `stream`, with programmatic dependent launch when
+    /// [`PDL_ENV`] asked for it (through `cuLaunchKernelEx`, since cudarc's launch builder takes no launch
+    /// attributes).
     fn launch(
         &self,
         f: &CudaFunction,
@@ -210,25 +231,49 @@ impl HopperBackend {
         stream: Stream,
         params: &mut [*mut std::ffi::c_void],
     ) -> Result<(), HopperError> {
-        // SAFETY: `params` points at live, correctly typed argument values that match the kernel's signature
-        // (checked by the size assertions in params.rs); the stream is the caller's (null = legacy default) and
-        // belongs to this device's primary context, which is current on this thread.
-        let r = unsafe {
-            sys::cuLaunchKernel(
-                f.cu_function(),
-                grid.0,
-                grid.1,
-                grid.2,
-                block,
-                1,
-                1,
-                smem,
-                stream.as_raw() as sys::CUstream,
-                params.as_mut_ptr(),
-                std::ptr::null_mut(),
-            )
+        let raw_stream = stream.as_raw() as sys::CUstream;
+        if !self.pdl {
+            // SAFETY: `params` points at live, correctly typed argument values that match the kernel's signature
+            // (checked by the size assertions in params.rs); the stream is the caller's (null = legacy default) and
+            // belongs to this device's primary context, which is current on this thread.
+            let r = unsafe {
+                sys::cuLaunchKernel(
+                    f.cu_function(),
+                    grid.0,
+                    grid.1,
+                    grid.2,
+                    block,
+                    1,
+                    1,
+                    smem,
+                    raw_stream,
+                    params.as_mut_ptr(),
+                    std::ptr::null_mut(),
+                )
+            };
+            return check("cuLaunchKernel", r);
+        }
+        // SAFETY: a plain C struct and union of integers and pointers, for which all-zero bytes are a valid value.
+        let mut attr: sys::CUlaunchAttribute = unsafe { std::mem::zeroed() };
+        attr.id = sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION;
+        attr.value.programmaticStreamSerializationAllowed = 1;
+        let config = sys::CUlaunchConfig {
+            gridDimX: grid.0,
+            gridDimY: grid.1,
+            gridDimZ: grid.2,
+            blockDimX: block,
+            blockDimY: 1,
+            blockDimZ: 1,
+            sharedMemBytes: smem,
+            hStream: raw_stream,
+            attrs: &mut attr,
+            numAttrs: 1,
         };
-        check("cuLaunchKernel", r)
+        // SAFETY: as for cuLaunchKernel above; `config` and the attribute it points to outlive the call, and every
+        // kernel of this crate waits for its prerequisite grids (`griddepcontrol.wait`) before its first
+        // global-memory access, which is what the attribute requires of it.
+        let r = unsafe { sys::cuLaunchKernelEx(&config, f.cu_function(), params.as_mut_ptr(), std::ptr::null_mut()) };
+        check("cuLaunchKernelEx", r)
     }
 
     fn bind(&self) -> Result<()> {
@@ -416,5 +461,20 @@ impl MlaBackend for HopperBackend {
         let mut argv = [&mut c as *mut CombineParams as *mut std::ffi::c_void];
         self.launch(combine_fn, combine_grid, COMBINE_ROWS_PER_CTA * 32, 0, stream, &mut argv)?;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pdl_switch_takes_0_or_1_and_names_the_variable_otherwise() {
+        assert!(!pdl_switch(None).unwrap());
+        assert!(!pdl_switch(Some(String::new())).unwrap());
+        assert!(!pdl_switch(Some("0".into())).unwrap());
+        assert!(pdl_switch(Some("1".into())).unwrap());
+        let e = pdl_switch(Some("yes".into())).unwrap_err().to_string();
+        assert_eq!(e, "$FLASHMLA_HOPPER_PDL=\"yes\": expected 0 or 1");
     }
 }
