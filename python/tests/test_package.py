@@ -1,5 +1,7 @@
 """The installed package: where it comes from, the compiled module, backends."""
 
+import ast
+import inspect
 import os
 import pathlib
 
@@ -27,6 +29,63 @@ def test_the_hot_functions_are_the_compiled_ones():
     # No Python frame between the caller and the Rust API.
     assert flashmla.flash_mla_with_kvcache is _native.flash_mla_with_kvcache
     assert flashmla.get_mla_metadata is _native.get_mla_metadata
+
+
+def _stub_tree():
+    path = pathlib.Path(flashmla.__file__).with_name("_native.pyi")
+    assert path.is_file(), f"{path}: the type stub is not installed with the package"
+    return ast.parse(path.read_text())
+
+
+def _stub_params(fn):
+    """(name, kind, default) of a stub function's parameters, in inspect's terms."""
+    a = fn.args
+    P = inspect.Parameter
+    out = [(x.arg, P.POSITIONAL_ONLY) for x in a.posonlyargs] + [(x.arg, P.POSITIONAL_OR_KEYWORD) for x in a.args]
+    defaults = [P.empty] * (len(out) - len(a.defaults)) + [ast.literal_eval(d) for d in a.defaults]
+    params = [(n, k, d) for (n, k), d in zip(out, defaults)]
+    if a.vararg:
+        params.append((a.vararg.arg, P.VAR_POSITIONAL, P.empty))
+    for x, d in zip(a.kwonlyargs, a.kw_defaults):
+        params.append((x.arg, P.KEYWORD_ONLY, P.empty if d is None else ast.literal_eval(d)))
+    if a.kwarg:
+        params.append((a.kwarg.arg, P.VAR_KEYWORD, P.empty))
+    return params
+
+
+def test_the_type_stub_matches_the_compiled_module():
+    functions, names, properties = {}, set(), set()
+    for node in _stub_tree().body:
+        if isinstance(node, ast.FunctionDef):
+            functions.setdefault(node.name, []).append(node)
+            names.add(node.name)
+        elif isinstance(node, ast.ClassDef):
+            names.add(node.name)
+            assert node.name == "FlashMLASchedMeta", node.name
+            properties = {f.name for f in node.body if isinstance(f, ast.FunctionDef) and f.name != "__init__"}
+        elif isinstance(node, ast.AnnAssign):
+            names.add(node.target.id)
+    runtime = {n for n in dir(_native) if not n.startswith("__")} | {"__version__"}
+    assert names == runtime, f"only in the stub: {names - runtime}; only in the module: {runtime - names}"
+    cls = _native.FlashMLASchedMeta
+    assert properties == {n for n in dir(cls) if not n.startswith("__")}
+    for name, defs in functions.items():
+        if len(defs) > 1:
+            continue  # overloads: get_mla_metadata, checked below
+        got = [(p.name, p.kind, p.default) for p in inspect.signature(getattr(_native, name)).parameters.values()]
+        assert _stub_params(defs[0]) == got, name
+
+
+def test_get_mla_metadata_takes_the_stubs_keywords():
+    import numpy as np
+
+    overloads = [f for f in _stub_tree().body if isinstance(f, ast.FunctionDef) and f.name == "get_mla_metadata"]
+    assert [len(f.args.args) for f in overloads] == [0, 3]
+    kwargs = {a.arg: v for a, v in zip(overloads[1].args.args, [np.ones(2, dtype=np.int32), 1, 1])}
+    meta, splits = _native.get_mla_metadata(**kwargs)
+    assert splits.shape == (3,)
+    sched, none = _native.get_mla_metadata()
+    assert isinstance(sched, _native.FlashMLASchedMeta) and none is None
 
 
 def test_cpu_backend_info():
