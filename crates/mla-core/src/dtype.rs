@@ -161,6 +161,36 @@ impl E4M3 {
     }
 }
 
+/// Bits of an f32 below its exponent field.
+pub(crate) const F32_MANTISSA_BITS: u32 = f32::MANTISSA_DIGITS - 1;
+/// The exponent of the smallest normal f32 (`f32::MIN_EXP` counts from a mantissa in [0.5, 1)).
+const F32_MIN_NORMAL_EXP: i32 = f32::MIN_EXP - 1;
+/// The f32 exponent bias.
+const F32_EXP_BIAS: i32 = f32::MAX_EXP - 1;
+
+/// `2^k`, exact for every `k` from −149 (the smallest subnormal) to 127, built from its bits. Rust does not promise
+/// that `powi` is exact (its precision is documented as non-deterministic, and Miri models that), while the rounding
+/// of [`f32_to_e4m3`] and the FP8 caches' UE8M0 scales need the exact power.
+///
+/// # Panics
+/// When `2^k` is not a finite nonzero f32.
+pub const fn pow2_f32(k: i32) -> f32 {
+    assert!(k >= F32_MIN_NORMAL_EXP - F32_MANTISSA_BITS as i32 && k <= F32_EXP_BIAS, "2^k is not a finite nonzero f32");
+    if k >= F32_MIN_NORMAL_EXP {
+        f32::from_bits(((k + F32_EXP_BIAS) as u32) << F32_MANTISSA_BITS)
+    } else {
+        f32::from_bits(1 << (k - F32_MIN_NORMAL_EXP + F32_MANTISSA_BITS as i32))
+    }
+}
+
+/// `2^k` in f64 for the normal range, exact (tests compare against it).
+#[cfg(test)]
+pub(crate) fn pow2_f64(k: i32) -> f64 {
+    let (bias, mantissa_bits) = (f64::MAX_EXP - 1, f64::MANTISSA_DIGITS - 1);
+    assert!((1 - bias..=bias).contains(&k));
+    f64::from_bits(((k + bias) as u64) << mantissa_bits)
+}
+
 /// Exact bf16 → f32.
 #[inline]
 pub fn bf16_to_f32(bits: u16) -> f32 {
@@ -241,7 +271,7 @@ pub fn f32_to_e4m3(x: f32) -> u8 {
     let e = exp.max(-6);
     // In units of the spacing 2^(e-3) the value lies in [8, 16) (or [0, 8) for subnormals); scaling by a power of
     // two is exact, so the only rounding is this one.
-    let units = (a * 2f32.powi(3 - e)).round_ties_even() as i32;
+    let units = (a * pow2_f32(3 - e)).round_ties_even() as i32;
     // A carry to 16 units lands exactly on the next binade's code, so one formula covers every case.
     let code = ((e + 7) << 3) + units - 8;
     sign | code as u8
@@ -259,7 +289,7 @@ mod tests {
         if e == 15 && m == 7.0 {
             return f64::NAN;
         }
-        if e == 0 { s * m / 8.0 * 2f64.powi(-6) } else { s * (1.0 + m / 8.0) * 2f64.powi(e - 7) }
+        if e == 0 { s * m / 8.0 * pow2_f64(-6) } else { s * (1.0 + m / 8.0) * pow2_f64(e - 7) }
     }
 
     /// Brute-force nearest code with ties to the even mantissa, saturating.
@@ -282,6 +312,17 @@ mod tests {
     }
 
     #[test]
+    fn pow2_f32_is_exact_over_the_whole_range() {
+        assert_eq!(pow2_f32(0), 1.0);
+        assert_eq!(pow2_f32(127).to_bits(), 0x7F00_0000);
+        assert_eq!(pow2_f32(-126), f32::MIN_POSITIVE);
+        assert_eq!(pow2_f32(-149).to_bits(), 1);
+        for k in -149..127 {
+            assert_eq!(pow2_f32(k + 1), 2.0 * pow2_f32(k), "k = {k}"); // doubling is exact
+        }
+    }
+
+    #[test]
     fn e4m3_decode_is_exact_for_all_codes() {
         for c in 0..=255u8 {
             let want = decode_f64(c);
@@ -293,7 +334,7 @@ mod tests {
             }
         }
         assert_eq!(e4m3_to_f32(0x7E), 448.0);
-        assert_eq!(e4m3_to_f32(0x01), 2f32.powi(-9));
+        assert_eq!(e4m3_to_f32(0x01), pow2_f32(-9));
         assert_eq!(E4M3_TO_F32.iter().filter(|v| v.is_nan()).count(), 2);
     }
 
@@ -330,7 +371,7 @@ mod tests {
             assert_eq!(f32_to_e4m3(-x), 0xFE, "{x}");
         }
         assert_eq!(f32_to_e4m3(f32::NAN), 0x7F);
-        assert_eq!(f32_to_e4m3(2f32.powi(-11)), 0); // below half the smallest subnormal: to zero (even)
+        assert_eq!(f32_to_e4m3(pow2_f32(-11)), 0); // below half the smallest subnormal: to zero (even)
         assert_eq!(f32_to_e4m3(-0.0), 0x80);
     }
 
@@ -346,11 +387,11 @@ mod tests {
     #[test]
     fn sixteen_bit_conversions_round_to_nearest_even() {
         // 1 + 2^-8 is the midpoint between bf16 1.0 and its successor: ties go to the even (1.0).
-        assert_eq!(f32_to_bf16(1.0 + 2f32.powi(-8)), 0x3F80);
-        assert_eq!(f32_to_bf16(1.0 + 3.0 * 2f32.powi(-8)), 0x3F82);
+        assert_eq!(f32_to_bf16(1.0 + pow2_f32(-8)), 0x3F80);
+        assert_eq!(f32_to_bf16(1.0 + 3.0 * pow2_f32(-8)), 0x3F82);
         assert_eq!(bf16_to_f32(0x3F80), 1.0);
-        assert_eq!(f32_to_f16(1.0 + 2f32.powi(-11)), 0x3C00);
-        assert_eq!(f16_to_f32(0x3C01), 1.0 + 2f32.powi(-10));
+        assert_eq!(f32_to_f16(1.0 + pow2_f32(-11)), 0x3C00);
+        assert_eq!(f16_to_f32(0x3C01), 1.0 + pow2_f32(-10));
         for bits in 0..=u16::MAX {
             let b = bf16_to_f32(bits);
             if !b.is_nan() {

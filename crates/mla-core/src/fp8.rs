@@ -40,7 +40,9 @@
 //! in upstream's `dequantize_k_cache`, which upstream's Hopper kernel can differ from by one bfloat16 rounding (it
 //! rounds the scale to bfloat16 first).
 
-use crate::dtype::{E4M3_MAX, ScalarType, bf16_to_f32, e4m3_to_f32, f32_to_bf16, f32_to_e4m3};
+use crate::dtype::{
+    E4M3_MAX, F32_MANTISSA_BITS, ScalarType, bf16_to_f32, e4m3_to_f32, f32_to_bf16, f32_to_e4m3, pow2_f32,
+};
 use crate::error::{Error, Result};
 use crate::problem::{HEAD_DIM_V, Region, check_disjoint, check_last_contiguous, check_memory, check_writable};
 use crate::sparse::{CacheGeometry, validate_cache};
@@ -60,8 +62,6 @@ pub const E4M3_NAN_CODE: u8 = 0x7F;
 pub const UE8M0_NAN: u8 = 0xFF;
 /// Exponent bias of UE8M0: byte `e` is `2^(e − 127)`.
 const UE8M0_BIAS: i32 = 127;
-/// Bits of an f32 below its exponent field.
-const F32_MANTISSA_BITS: u32 = 23;
 /// The f32 mantissa field.
 const F32_MANTISSA_MASK: u32 = (1 << F32_MANTISSA_BITS) - 1;
 
@@ -451,7 +451,7 @@ fn pow2_to_ue8m0(scale: f32) -> u8 {
 pub fn ue8m0_to_f32(e: u8) -> f32 {
     match e {
         UE8M0_NAN => f32::NAN,
-        0 => 2f32.powi(-UE8M0_BIAS),
+        0 => pow2_f32(-UE8M0_BIAS),
         _ => f32::from_bits((e as u32) << F32_MANTISSA_BITS),
     }
 }
@@ -692,6 +692,7 @@ unsafe fn write_row(p: *mut u8, dtype: ScalarType, row: &[f32]) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::dtype::pow2_f64;
 
     /// Independent E4M3 decoder, from the format's definition, in f64.
     fn e4m3_f64(code: u8) -> f64 {
@@ -700,7 +701,7 @@ mod tests {
         if e == 15 && m == 7.0 {
             return f64::NAN;
         }
-        if e == 0 { s * m / 8.0 * 2f64.powi(-6) } else { s * (1.0 + m / 8.0) * 2f64.powi(e - 7) }
+        if e == 0 { s * m / 8.0 * pow2_f64(-6) } else { s * (1.0 + m / 8.0) * pow2_f64(e - 7) }
     }
 
     /// Nearest E4M3 code to `x` (|x| <= 448), ties to the even code, by search over every finite code.
@@ -722,7 +723,7 @@ mod tests {
     fn scale_f64(tile: &[f32]) -> f64 {
         let amax = tile.iter().fold(0f32, |m, x| m.max(x.abs()));
         let v = ((amax / 448.0).max(1e-4)) as f64;
-        let mut s = 2f64.powi(-40);
+        let mut s = pow2_f64(-40);
         while s < v {
             s *= 2.0;
         }
@@ -742,7 +743,7 @@ mod tests {
         /// A bf16-representable value of random magnitude 2^[-20, 8) and sign.
         fn value(&mut self) -> f32 {
             let r = self.next();
-            let mag = 2f32.powi((r % 28) as i32 - 20) * (1.0 + ((r >> 8) % 1000) as f32 / 1000.0);
+            let mag = pow2_f32((r % 28) as i32 - 20) * (1.0 + ((r >> 8) % 1000) as f32 / 1000.0);
             let v = if r >> 63 == 1 { -mag } else { mag };
             bf16_to_f32(f32_to_bf16(v))
         }
@@ -779,7 +780,7 @@ mod tests {
             if e == 0xFF {
                 assert!(got.is_nan());
             } else {
-                assert_eq!(got as f64, 2f64.powi(e as i32 - 127), "byte {e}");
+                assert_eq!(got as f64, pow2_f64(e as i32 - 127), "byte {e}");
                 if e > 0 {
                     assert_eq!(pow2_to_ue8m0(got), e);
                 }
@@ -812,7 +813,7 @@ mod tests {
         let mut want = vec![0f32; 576];
         want[0] = 0.5;
         want[1] = -0.5;
-        want[127] = 2f32.powi(-10);
+        want[127] = pow2_f32(-10);
         want[128] = 896.0;
         want[300] = 1.125;
         want[511] = -0.5;
@@ -873,7 +874,7 @@ mod tests {
                 values[d..d + tile].fill(0.0);
                 values[d + 3] = 1e-30;
                 values[2 * d + tile..2 * d + 2 * tile].fill(0.25);
-                values[2 * d + tile + 5] = -448.0 * 2f32.powi(-3);
+                values[2 * d + tile + 5] = -448.0 * pow2_f32(-3);
                 let cache = Fp8Cache::quantize(layout, 3, page_size, &values).unwrap();
                 let deq = cache.dequantize().unwrap();
                 for (r, row) in values.chunks_exact(d).enumerate() {
@@ -885,7 +886,7 @@ mod tests {
                             ScaleFormat::F32 => {
                                 f32::from_le_bytes(block[o.scales + 4 * k..][..4].try_into().unwrap()) as f64
                             }
-                            ScaleFormat::Ue8m0 => 2f64.powi(block[o.scales + k] as i32 - 127),
+                            ScaleFormat::Ue8m0 => pow2_f64(block[o.scales + k] as i32 - 127),
                         };
                         assert_eq!(stored, s, "{layout} row {r} tile {k}");
                         for (j, &x) in t.iter().enumerate() {
@@ -895,7 +896,7 @@ mod tests {
                             let exact = e4m3_f64(code) * s;
                             assert_eq!(deq[r * d + col] as f64, exact, "{layout} row {r} col {col}");
                             // The round trip is within half an E4M3 step at the tile's scale.
-                            assert!((exact - x as f64).abs() <= s * 2f64.powi(-10).max((x as f64 / s).abs() / 16.0));
+                            assert!((exact - x as f64).abs() <= s * pow2_f64(-10).max((x as f64 / s).abs() / 16.0));
                         }
                     }
                     // RoPE values pass through (they are bf16-representable here).
