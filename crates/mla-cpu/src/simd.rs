@@ -801,6 +801,7 @@ mod avx2 {
     #[cfg(test)]
     mod tests {
         use super::*;
+        use mla_core::dtype::pow2_f32;
 
         #[test]
         fn e4m3_widening_matches_the_table_for_every_code() {
@@ -834,7 +835,7 @@ mod avx2 {
                 for (g, &c) in got.iter().zip(chunk) {
                     let want = mla_core::dtype::E4M3_TO_F32[c as usize];
                     // Exact: scaling back up by 2^120 (two exact steps) gives the table value.
-                    assert_eq!((g * 2f32.powi(60) * 2f32.powi(60)).to_bits(), want.to_bits(), "code {c:#04x}");
+                    assert_eq!((g * pow2_f32(60) * pow2_f32(60)).to_bits(), want.to_bits(), "code {c:#04x}");
                     assert_eq!((g * E4M3_FINITE_QP_SCALE).to_bits(), (want * super::super::E4M3_KV_UNIT).to_bits());
                 }
             }

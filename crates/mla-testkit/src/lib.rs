@@ -176,6 +176,13 @@ pub enum Elems {
     E4M3(Vec<u8>),
 }
 
+/// `2^k` for a normal f64 exponent, from its bits: exact (Rust does not promise that `powi` is).
+fn pow2(k: i32) -> f64 {
+    let (bias, mantissa_bits) = (f64::MAX_EXP - 1, f64::MANTISSA_DIGITS - 1);
+    assert!((1 - bias..=bias).contains(&k), "2^{k} is not a normal f64");
+    f64::from_bits(((k + bias) as u64) << mantissa_bits)
+}
+
 /// Independent exact decoding of one element to f64 (no shared code with mla-core's tables).
 pub fn decode_f64(dtype: DType, bits: u32) -> f64 {
     match dtype {
@@ -184,7 +191,7 @@ pub fn decode_f64(dtype: DType, bits: u32) -> f64 {
             let (s, e, m) = ((bits >> 15) & 1, (bits >> 10) & 0x1F, bits & 0x3FF);
             let sign = if s == 1 { -1.0 } else { 1.0 };
             match e {
-                0 => sign * m as f64 * 2f64.powi(-24),
+                0 => sign * m as f64 * pow2(-24),
                 31 => {
                     if m == 0 {
                         sign * f64::INFINITY
@@ -192,7 +199,7 @@ pub fn decode_f64(dtype: DType, bits: u32) -> f64 {
                         f64::NAN
                     }
                 }
-                _ => sign * (1024 + m) as f64 * 2f64.powi(e as i32 - 25),
+                _ => sign * (1024 + m) as f64 * pow2(e as i32 - 25),
             }
         }
         DType::E4M3 => {
@@ -201,9 +208,9 @@ pub fn decode_f64(dtype: DType, bits: u32) -> f64 {
             if e == 15 && m == 7 {
                 f64::NAN
             } else if e == 0 {
-                sign * m as f64 * 2f64.powi(-9)
+                sign * m as f64 * pow2(-9)
             } else {
-                sign * (8 + m) as f64 * 2f64.powi(e as i32 - 10)
+                sign * (8 + m) as f64 * pow2(e as i32 - 10)
             }
         }
     }
