@@ -63,6 +63,8 @@ def test_raw_bits_need_a_hint():
     assert _native._describe(a, "bf16")["dtype"] == "bf16"
     with pytest.raises(ValueError, match="obj.dtype"):
         _native._describe(a)
+    with pytest.raises(ValueError, match=r"_describe: invalid argument `dtype`: expected None or one of .*got \"bf17\""):
+        _native._describe(a, "bf17")
 
 
 def test_other_producers_read_through_dlpack():

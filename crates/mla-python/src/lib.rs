@@ -345,23 +345,7 @@ fn flash_mla_with_kvcache<'py>(
     dtype: Option<&str>,
 ) -> PyResult<(Bound<'py, PyAny>, Bound<'py, PyAny>)> {
     const FUNC: &str = FUNC_DECODE;
-    let hint = match dtype {
-        None => None,
-        Some(s) => Some(match s.to_ascii_lowercase().as_str() {
-            "bf16" | "bfloat16" => ScalarType::Bf16,
-            "fp16" | "float16" => ScalarType::F16,
-            "e4m3" | "float8_e4m3fn" => ScalarType::E4M3,
-            _ => {
-                return Err(invalid(
-                    py,
-                    FUNC,
-                    "dtype",
-                    "None or one of ['bf16', 'bfloat16', 'e4m3', 'float16', 'float8_e4m3fn', 'fp16']",
-                    format!("{s:?}"),
-                ));
-            }
-        }),
-    };
+    let hint = dtype_hint(py, FUNC, dtype)?;
     let sparse =
         fp8::SparseArgs { indices, attn_sink, extra_k_cache, extra_indices_in_kvcache, topk_length, extra_topk_length };
     if !is_fp8_kvcache && let Some(name) = sparse.first_given() {
@@ -522,6 +506,25 @@ fn flash_mla_with_kvcache<'py>(
     Ok((out.obj, lse.obj))
 }
 
+/// The element type that a `dtype=` argument names for raw-bit NumPy arrays (None: take it from the arrays).
+fn dtype_hint(py: Python<'_>, func: &str, dtype: Option<&str>) -> PyResult<Option<ScalarType>> {
+    let Some(s) = dtype else { return Ok(None) };
+    Ok(Some(match s.to_ascii_lowercase().as_str() {
+        "bf16" | "bfloat16" => ScalarType::Bf16,
+        "fp16" | "float16" => ScalarType::F16,
+        "e4m3" | "float8_e4m3fn" => ScalarType::E4M3,
+        _ => {
+            return Err(invalid(
+                py,
+                func,
+                "dtype",
+                "None or one of ['bf16', 'bfloat16', 'e4m3', 'float16', 'float8_e4m3fn', 'fp16']",
+                format!("{s:?}"),
+            ));
+        }
+    }))
+}
+
 /// `num_sm_parts` of the backend for `device` (`"cpu"`, `"cuda"`, `"cuda:N"`): rows of
 /// `tile_scheduler_metadata` for this shape. Used by the `torch.library` fake implementations.
 #[pyfunction]
@@ -596,12 +599,7 @@ fn backend_info<'py>(py: Python<'py>, device: Option<Bound<'py, PyAny>>) -> PyRe
 #[pyfunction]
 #[pyo3(signature = (obj, dtype=None))]
 fn _describe<'py>(py: Python<'py>, obj: &Bound<'py, PyAny>, dtype: Option<&str>) -> PyResult<Bound<'py, PyDict>> {
-    let hint = dtype.and_then(|s| match s {
-        "bf16" => Some(ScalarType::Bf16),
-        "fp16" => Some(ScalarType::F16),
-        "e4m3" => Some(ScalarType::E4M3),
-        _ => None,
-    });
+    let hint = dtype_hint(py, "_describe", dtype)?;
     let a = describe(py, "_describe", "obj", obj, hint)?;
     let d = PyDict::new(py);
     d.set_item("data", a.desc.data() as usize)?;
